@@ -1,0 +1,227 @@
+"""Data: instruction/answer records, prompt format, label masking, collator, samplers.
+
+Privacy unit = one record = one sequence (DESIGN.md 2.1): records are never packed together.
+"""
+
+import math
+import os
+
+import datasets
+import torch
+
+PUBMED_PROMPT = "Abstract:"
+DEFAULT_PUBMED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pubmed_dataset")
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: reported as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_records_file(path):
+    """The seed's JSON ({"instruction": [...], "answer": [...]}) or JSON Lines records -> Dataset."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: file not found")
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train")
+    except Exception as err:  # datasets wraps parser errors in several types
+        raise UserInputError(f"{path}: not valid JSON or JSON Lines ({type(err).__name__})") from None
+    missing = {"instruction", "answer"} - set(ds.column_names)
+    if missing:
+        raise UserInputError(f"{path}: records lack the key(s) {sorted(missing)}")
+    if isinstance(ds.features["answer"], (datasets.Sequence, datasets.List)):
+        ds = _columns_to_records(ds, path)
+    if len(ds) == 0:
+        raise UserInputError(f"{path}: no records")
+    return ds.select_columns(["instruction", "answer"])
+
+
+def _columns_to_records(ds, path):
+    """A JSON object of columns arrives as one row of lists: explode it into records."""
+    if len(ds) != 1:
+        raise UserInputError(f"{path}: mixes list-valued and record-valued entries")
+    row = ds[0]
+    if len(row["instruction"] or []) != len(row["answer"] or []):
+        raise UserInputError(
+            f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but 'answer' has {len(row['answer'] or [])}"
+        )
+    return ds.map(
+        lambda batch: {"instruction": batch["instruction"][0], "answer": batch["answer"][0]},
+        batched=True, batch_size=1, remove_columns=ds.column_names,
+    )
+
+
+def load_pubmed(dataset_dir=None):
+    """The built PubMed DatasetDict as instruction/answer records with the seed's prompt."""
+    dataset_dir = dataset_dir or DEFAULT_PUBMED_DIR
+    if not os.path.isdir(dataset_dir):
+        raise UserInputError(
+            f"{dataset_dir}: PubMed data set not built; run `python scripts/prepare_pubmed.py` first"
+        )
+    dd = datasets.load_from_disk(dataset_dir)
+    return datasets.DatasetDict({
+        split: ds.map(lambda b: {"instruction": [PUBMED_PROMPT] * len(b["text"]), "answer": b["text"]},
+                      batched=True, remove_columns=ds.column_names)
+        for split, ds in dd.items()
+    })
+
+
+def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, dataset_dir=None):
+    """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records."""
+    if dataset_name is not None:
+        if dataset_name != "pubmed_generation":
+            raise UserInputError(f"--dataset_name {dataset_name}: unknown (known: pubmed_generation)")
+        raw = load_pubmed(dataset_dir)
+    else:
+        if train_file is None:
+            raise UserInputError("give --train_file or --dataset_name")
+        raw = datasets.DatasetDict({"train": load_records_file(train_file)})
+    if validation_file is not None:
+        raw["validation"] = load_records_file(validation_file)
+    for split, ds in raw.items():
+        _check_strings(ds, train_file if split == "train" else validation_file or split)
+    return raw
+
+
+def _check_strings(ds, name):
+    for i, (instruction, answer) in enumerate(zip(ds["instruction"], ds["answer"])):
+        if not isinstance(instruction, str) or not isinstance(answer, str):
+            raise UserInputError(f"{name}: record {i} has a non-text instruction or answer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt format and tokenisation
+# ----------------------------------------------------------------------------------------------
+
+
+def join_prompt_answer(instruction, answer):
+    """Training text = instruction, a space, answer (nothing added when either side is empty)."""
+    if not instruction or not answer or instruction[-1].isspace():
+        return instruction + answer
+    return instruction + " " + answer
+
+
+def encode(tokenizer, text):
+    """Token ids with the model's own special prefix; a BOS is prepended when the tokenizer has one
+    but does not add it (GPT-2), so that an empty prompt still gives a starting token."""
+    ids = tokenizer(text)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def encode_prompt(tokenizer, instruction):
+    """The prompt the model sees at generation time: exactly the prefix it was trained on."""
+    return encode(tokenizer, instruction)
+
+
+def tokenize_record(tokenizer, instruction, answer, block_size):
+    """input_ids (EOS appended after truncation to block_size - 1) and the prompt length."""
+    prompt = encode_prompt(tokenizer, instruction)
+    full = encode(tokenizer, join_prompt_answer(instruction, answer))
+    prompt_len = 0
+    for a, b in zip(prompt, full):  # the longest common prefix is the prompt (tokenizers may merge at the seam)
+        if a != b:
+            break
+        prompt_len += 1
+    truncated = len(full) > block_size - 1
+    ids = full[: block_size - 1] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "prompt_len": min(prompt_len, len(ids) - 1), "truncated": truncated}
+
+
+def tokenize_dataset(ds, tokenizer, block_size, desc="Tokenizing"):
+    """Cached by `datasets`: a rerun with the same tokenizer and block size does not retokenise."""
+    return ds.map(
+        lambda r: tokenize_record(tokenizer, r["instruction"], r["answer"], block_size),
+        remove_columns=ds.column_names, desc=desc,
+    )
+
+
+class Collator:
+    """Right-pads records of a micro-batch; labels are -100 on the prompt and on padding.
+
+    An index of None is a masked dummy record: one pad token that attends to itself and has no
+    label, so its loss and gradient are exactly zero."""
+
+    def __init__(self, dataset, pad_token_id):
+        self.dataset = dataset
+        self.pad = pad_token_id
+
+    def __call__(self, indices):
+        indices = list(indices) or [None]
+        rows = [self.dataset[i] if i is not None else None for i in indices]
+        width = max(len(r["input_ids"]) if r else 1 for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            if r is None:
+                attention[k, 0] = 1
+                continue
+            ids = torch.tensor(r["input_ids"])
+            input_ids[k, : len(ids)] = ids
+            attention[k, : len(ids)] = 1
+            labels[k, r["prompt_len"]: len(ids)] = ids[r["prompt_len"]:]
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: which records form each logical step, and how they split into micro-batches
+# ----------------------------------------------------------------------------------------------
+
+
+def planned_steps(num_epochs, dataset_size, expected_batch_size, sampling):
+    """Poisson: ceil(epochs / q) steps, q = B / N (each record seen `epochs` times in expectation).
+    Shuffle: ceil(N / B) batches per epoch, the last one smaller."""
+    if sampling == "poisson":
+        return math.ceil(num_epochs * dataset_size / expected_batch_size - 1e-9)
+    return num_epochs * math.ceil(dataset_size / expected_batch_size)
+
+
+class StepSampler:
+    """The records of each logical step, split into this process's micro-batches.
+
+    poisson: each record joins step t independently with probability q = B / N, drawn from the DP
+    generator for (seed, t) so every process sees the same draw. shuffle: fixed-size batches of a
+    per-epoch permutation (then epsilon is a Poisson figure, not a guarantee for shuffling).
+
+    Each process gets every P-th sampled record, cut into micro-batches of at most
+    `per_device_batch_size`; every process runs the same number K >= accumulation_steps of
+    micro-batches (empty ones hold one masked dummy record), so collective operations stay in step
+    even when a draw exceeds the nominal capacity."""
+
+    def __init__(self, dataset_size, per_device_batch_size, accumulation_steps, num_processes,
+                 process_index, randomness, sampling="poisson"):
+        self.n = dataset_size
+        self.per_device = per_device_batch_size
+        self.accumulation_steps = accumulation_steps
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.randomness = randomness
+        self.sampling = sampling
+        self.expected_batch_size = per_device_batch_size * accumulation_steps * num_processes
+        self.sampling_rate = min(1.0, self.expected_batch_size / dataset_size)
+
+    def step_indices(self, step):
+        """All records of logical step `step` (the same list on every process)."""
+        if self.sampling == "poisson":
+            gen = self.randomness.generator("sample", step)
+            return (torch.rand(self.n, generator=gen) < self.sampling_rate).nonzero().flatten().tolist()
+        per_epoch = math.ceil(self.n / self.expected_batch_size)
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(self.n, generator=self.randomness.generator("shuffle", epoch)).tolist()
+        return perm[k * self.expected_batch_size:(k + 1) * self.expected_batch_size]
+
+    def micro_batches(self, step):
+        """This process's micro-batches for `step`: lists of record indices (possibly empty)."""
+        chosen = self.step_indices(step)
+        share = chosen[self.process_index::self.num_processes]
+        largest_share = math.ceil(len(chosen) / self.num_processes)
+        count = max(self.accumulation_steps, math.ceil(largest_share / self.per_device))
+        batches = [share[i * self.per_device:(i + 1) * self.per_device] for i in range(count)]
+        return batches

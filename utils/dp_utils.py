@@ -1,0 +1,272 @@
+"""DP-SGD primitives for LoRA: exact per-example gradients, clipping, accumulation, noise.
+
+Privacy rules implemented here (DESIGN.md section 2):
+  * per-example gradient g_i of record i's own loss, products accumulated in float32 (or wider);
+  * clip jointly over all trainable parameters: g_i * min(1, C / ||g_i||);
+  * S = sum of clipped g_i over micro-batches and processes, one all-reduce per logical step;
+  * Z ~ N(0, sigma^2 C^2 I) drawn once per logical step (by process 0 only, before the sum);
+  * the optimizer sees (S + Z) / B with B the expected logical batch size.
+
+Per-example gradients are captured by a hook on each trainable linear layer: the layer's forward
+runs through an autograd function that saves its input, and whose backward computes the
+per-example weight gradients (and the input gradient) instead of the summed weight gradient, so
+autograd never computes the summed LoRA gradient that would be thrown away. Saving the input in the
+autograd context (rather than in a module attribute) makes activation checkpointing safe: a
+recomputed forward saves a fresh input for exactly one backward call.
+"""
+
+import hashlib
+import math
+import secrets
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Per-example gradients, one small function per layer type (registered in PER_EXAMPLE_BACKWARDS)
+# ----------------------------------------------------------------------------------------------
+
+
+def _accumulation_dtype(dtype):
+    """float32 products even under bf16/fp16 autocast; float64 stays float64 (tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def linear_per_example_grad(inputs, grad_output):
+    """Per-example weight gradient of y = x W^T for x [n, ..., in] and dL/dy [n, ..., out].
+
+    Tokens (all middle dimensions) are summed inside one batched matmul: [n, out, in]."""
+    dtype = _accumulation_dtype(inputs.dtype)
+    n = inputs.shape[0]
+    x = inputs.reshape(n, -1, inputs.shape[-1]).to(dtype)
+    g = grad_output.reshape(n, -1, grad_output.shape[-1]).to(dtype)
+    return torch.bmm(g.transpose(1, 2), x)
+
+
+class _PerExampleLinear(torch.autograd.Function):
+    """y = F.linear(x, W); backward gives dL/dx and records per-example dL/dW in `store`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, store):
+        ctx.store = store
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_output @ weight.to(grad_output.dtype)).to(x.dtype)
+        ctx.store.add(weight, linear_per_example_grad(x, grad_output))
+        return grad_x, None, None
+
+
+def _per_example_linear_forward(module, store):
+    def forward(x):
+        return _PerExampleLinear.apply(x, module.weight, store)
+
+    return forward
+
+
+# layer type -> function(module, store) returning the replacement forward
+PER_EXAMPLE_FORWARDS = {nn.Linear: _per_example_linear_forward}
+
+
+class PerExampleGradStore:
+    """Per-example gradients of one micro-batch, keyed by parameter, summed over repeated uses."""
+
+    def __init__(self):
+        self.grads = {}
+
+    def add(self, param, grad):
+        if param in self.grads:
+            self.grads[param] = self.grads[param] + grad
+        else:
+            self.grads[param] = grad
+
+    def clear(self):
+        self.grads = {}
+
+
+def trainable_modules(model):
+    """Modules owning trainable parameters; each must be a type with a per-example rule."""
+    modules = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        has_trainable_bias = getattr(module, "bias", None) is not None and module.bias.requires_grad
+        if type(module) not in PER_EXAMPLE_FORWARDS or has_trainable_bias:
+            raise TypeError(f"no per-example gradient rule for trainable layer {name} ({type(module).__name__})")
+        modules.append(module)
+    return modules
+
+
+# ----------------------------------------------------------------------------------------------
+# DP randomness: OS-seeded, shared by all processes, a fresh generator per (purpose, step)
+# ----------------------------------------------------------------------------------------------
+
+
+class DPRandomness:
+    """Generators for Poisson sampling and noise, derived from one secret seed.
+
+    The seed comes from the operating system (never from --seed) and is broadcast from process 0
+    so every process draws the same sample. Deriving a generator per (purpose, step) means the
+    draws depend only on the seed and the step: not on the number of processes, and a resumed run
+    (with --insecure_dp_seed) continues the same sequence without saving generator state."""
+
+    def __init__(self, insecure_seed=None, device="cpu"):
+        if insecure_seed is None:
+            seed = secrets.randbits(63)
+        else:
+            warnings.warn(
+                f"--insecure_dp_seed {insecure_seed}: sampling and noise are reproducible by anyone "
+                "who knows this seed; use it for testing only, never for a release"
+            )
+            seed = int(insecure_seed)
+        self.seed = _broadcast_int(seed)
+        self.device = torch.device(device)
+
+    def generator(self, purpose, step, device=None):
+        digest = hashlib.sha256(f"{self.seed}:{purpose}:{step}".encode()).digest()
+        gen = torch.Generator(device=device or "cpu")
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+
+def _broadcast_int(value):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    obj = [value]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The DP gradient: clip, accumulate, sum over processes, noise, average
+# ----------------------------------------------------------------------------------------------
+
+
+class DPGradient:
+    """Turns micro-batch backward passes into the DP (or non-private) gradient of one logical step.
+
+    Usage per logical step: for each micro-batch, backward the *sum* of per-record losses (each
+    record normalised by its own label-token count), then call `accumulate_micro_batch()`; finally
+    `finish_step(step)` writes (S + Z) / B into `param.grad`.
+
+    clip_norm < 0 and noise_multiplier < 0: non-private; plain autograd, no per-example work.
+    """
+
+    def __init__(self, model, clip_norm, noise_multiplier, expected_batch_size, randomness=None):
+        self.private = clip_norm > 0
+        if noise_multiplier > 0 and not self.private:
+            raise ValueError("--noise_multiplier > 0 needs --clip_norm > 0 (noise is scaled by the clip norm)")
+        if self.private and noise_multiplier < 0:
+            raise ValueError("--clip_norm > 0 needs --noise_multiplier >= 0 (or a target epsilon)")
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = max(float(noise_multiplier), 0.0)
+        self.expected_batch_size = expected_batch_size
+        self.randomness = randomness
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.summed = [torch.zeros_like(p, dtype=_accumulation_dtype(p.dtype)) for p in self.params]
+        self.store = PerExampleGradStore()
+        self._saved_forwards = []
+        self.last_norms = None
+        if self.private:
+            self._attach(model)
+
+    def _attach(self, model):
+        for module in trainable_modules(model):
+            module.forward = PER_EXAMPLE_FORWARDS[type(module)](module, self.store)
+            self._saved_forwards.append(module)
+
+    def detach(self):
+        """Restore the layers' own forward (e.g. before saving or generating)."""
+        for module in self._saved_forwards:
+            del module.forward
+        self._saved_forwards = []
+
+    # -- per micro-batch ----------------------------------------------------------------------
+
+    def accumulate_micro_batch(self):
+        """Clip this micro-batch's per-example gradients and add them to the step's sum."""
+        if not self.private:
+            for total, p in zip(self.summed, self.params):
+                if p.grad is not None:
+                    total += p.grad
+                    p.grad = None
+            return
+        grads = [self.store.grads.get(p) for p in self.params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        if len(missing) == len(grads):
+            self.store.clear()
+            return  # a micro-batch of masked dummy records only: contributes nothing
+        if missing:
+            raise RuntimeError("some trainable parameters got no per-example gradient in this micro-batch")
+        norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
+        scale = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        for total, g in zip(self.summed, grads):
+            total += torch.einsum("n,n...->...", scale, g)
+        self.last_norms = norms.detach()
+        self.store.clear()
+
+    # -- per logical step ---------------------------------------------------------------------
+
+    def finish_step(self, step):
+        """Sum over processes, add one noise draw, divide by B, write into param.grad."""
+        flat = torch.cat([t.flatten() for t in self.summed])
+        if self.private and self.noise_multiplier > 0 and _rank() == 0:
+            # one draw for the whole job: only process 0 adds noise, before the sum
+            gen = self.randomness.generator("noise", step, device=flat.device.type)
+            flat += torch.normal(
+                0.0, self.noise_multiplier * self.clip_norm, flat.shape,
+                generator=gen, device=flat.device, dtype=flat.dtype,
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.expected_batch_size
+        offset = 0
+        for total, p in zip(self.summed, self.params):
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+            total.zero_()
+
+    def noise_std(self):
+        """Standard deviation of the noise in the averaged gradient: sigma * C / B."""
+        return self.noise_multiplier * self.clip_norm / self.expected_batch_size
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-record loss
+# ----------------------------------------------------------------------------------------------
+
+
+def per_record_loss(logits, labels):
+    """Mean next-token loss of each record over its own label tokens: [n].
+
+    Normalising by the record's own count (not the micro-batch's) keeps each record's gradient
+    independent of the other records (DESIGN.md 2.2). Records with no label token (masked dummy
+    records) get exactly zero loss and zero gradient."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=-100, reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != -100).sum(1)
+    return token_loss.sum(1) / counts.clamp(min=1), counts
+
+
+def clip_factor_bound_ok(norms, clip_norm):
+    """True when every clipped norm min(1, C/||g||) * ||g|| is at most C (used in tests and debug)."""
+    clipped = norms * (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    return bool((clipped <= clip_norm * (1 + 1e-6)).all()) and not math.isnan(float(norms.sum()))

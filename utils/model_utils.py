@@ -1,0 +1,69 @@
+"""Loading the base model and tokenizer, shared by training and inference."""
+
+import os
+import sys
+import traceback
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from utils.data_utils import UserInputError
+
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def access_token(args_token):
+    """--access_token, else the HF_TOKEN environment variable (preferred: it stays off the command line)."""
+    return args_token or os.environ.get("HF_TOKEN")
+
+
+def load_tokenizer(name, token=None, padding_side="right"):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, token=token)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"--model_name_or_path {name}: cannot load a tokenizer ({_first_line(err)})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserInputError(f"--model_name_or_path {name}: the tokenizer has no EOS token")
+    # reuse an existing token for padding: adding one would resize the embeddings, and then the
+    # adapter alone would no longer describe the fine-tuned model
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(name, mixed_precision="no", token=None):
+    """Weights in the mixed-precision dtype (bf16/fp16) or float32; LoRA adapters stay float32."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=PRECISION_DTYPES[mixed_precision], token=token)
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"--model_name_or_path {name}: cannot load the model ({_first_line(err)})") from None
+    model.config.use_cache = False
+    return model
+
+
+def check_block_size(block_size, model):
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if block_size < 2:
+        raise UserInputError(f"--block_size {block_size}: must be at least 2")
+    if context is not None and block_size > context:
+        raise UserInputError(f"--block_size {block_size}: beyond the model's context length {context}")
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def run_cli(main):
+    """Run a script's main(): bad input becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
