@@ -52,6 +52,9 @@ class _PerExampleLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, store):
         ctx.store = store
+        # the parameter itself keys the store: under activation checkpointing the saved tensors
+        # come back as new tensor objects
+        ctx.param = weight
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight)
 
@@ -61,7 +64,7 @@ class _PerExampleLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_output @ weight.to(grad_output.dtype)).to(x.dtype)
-        ctx.store.add(weight, linear_per_example_grad(x, grad_output))
+        ctx.store.add(ctx.param, linear_per_example_grad(x, grad_output))
         return grad_x, None, None
 
 
