@@ -5,7 +5,7 @@ import os
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, load_peft_weights
 
 ADAPTER_BIN = "lora_weights.bin"
 
@@ -87,6 +87,11 @@ def load_adapter(base_model, path, is_trainable=False):
         raise ValueError(f"{path}: no adapter_config.json beside the adapter weights")
     if os.path.isdir(path):
         model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
+        # from_pretrained only warns about missing keys and ignores unexpected ones
+        loaded, saved = set(get_peft_model_state_dict(model)), set(load_peft_weights(folder))
+        if loaded != saved:
+            raise ValueError(f"{path}: adapter does not match the base model "
+                             f"(missing {sorted(loaded - saved)[:3]}, unexpected {sorted(saved - loaded)[:3]})")
         return model
     with open(config_file) as f:
         config = LoraConfig(**{k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__})
