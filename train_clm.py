@@ -18,9 +18,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
-from utils.accounting import ACCOUNTANT_NAME, PrivacyAccountant, check_delta, noise_multiplier_for_epsilon
+from utils.accounting import (ACCOUNTANT_NAME, PrivacyAccountant, check_delta, compute_epsilon_rdp,
+                              noise_multiplier_for_epsilon)
+from utils.checkpoint_utils import TrainingState, resolve_checkpoint, save_checkpoint
 from utils.data_utils import Collator, StepSampler, UserInputError, load_raw_datasets, planned_steps, tokenize_dataset
 from utils.dp_utils import DPGradient, DPRandomness
+from utils.fsdp_utils import assert_replicas_agree, fsdp_requested, shard_frozen_base
 from utils.lora_utils import add_lora, parse_target_modules, save_adapter
 from utils.model_utils import access_token, check_block_size, load_model, load_tokenizer, run_cli
 from utils.train_utils import evaluate, publish_outputs, train_logical_step, write_json
@@ -61,11 +64,19 @@ def parse_args(argv=None):
     privacy.add_argument("--delta", type=float, default=1e-7)
     privacy.add_argument("--sampling", choices=["poisson", "shuffle"], default="poisson")
     privacy.add_argument("--insecure_dp_seed", type=int, default=None, help="TESTING ONLY: reproducible sampling and noise")
+    multi = p.add_argument_group("multi-process (see README: Multi-GPU, FSDP and CPU configs)")
+    multi.add_argument("--fsdp", action="store_true", help="shard the frozen base with FSDP (automatic under an FSDP "
+                       "accelerate config; this flag is for CPU tests under torchrun)")
+    multi.add_argument("--debug_sync_check", type=int, default=0, metavar="N",
+                       help="every N steps check that all processes hold identical adapters (0: off)")
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
     out.add_argument("--eval_freq", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     out.add_argument("--with_tracking", action="store_true")
     out.add_argument("--report_to", choices=["tensorboard", "wandb", "all"], default="tensorboard")
+    out.add_argument("--checkpointing_steps", type=int, default=0, help="save a resumable checkpoint every N steps")
+    out.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
+                     help="continue from output_dir/checkpoints/step_N (latest: the newest one, if any)")
     args = p.parse_args(argv)
     validate_args(args)
     return args
@@ -90,7 +101,9 @@ def validate_args(args):
 def main(argv=None):
     args = parse_args(argv)
     log_with = (["tensorboard", "wandb"] if args.report_to == "all" else [args.report_to]) if args.with_tracking else None
-    accelerator = Accelerator(log_with=log_with, project_dir=args.output_dir)
+    # cpu=True where no GPU exists: otherwise a multi-process launch (accelerate, torchrun) leaves
+    # every process alone in a one-process job (DESIGN.md 5)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=log_with, project_dir=args.output_dir)
     set_seed(args.seed)
     say = accelerator.print
 
@@ -110,7 +123,10 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
                      parse_target_modules(args.lora_target_modules), seed=args.seed)
-    model.to(accelerator.device)
+    if fsdp_requested(args.fsdp, accelerator):  # frozen base sharded, LoRA replicated (DESIGN.md 2.9)
+        shard_frozen_base(model, accelerator.device, accelerator)
+    else:
+        model.to(accelerator.device)
     model.train()
 
     # ---- sampling, privacy budget, DP gradient ----
@@ -131,6 +147,11 @@ def main(argv=None):
         except ValueError as err:
             raise UserInputError(str(err)) from None
         accountant = PrivacyAccountant(sigma, q, args.delta)
+        if args.target_epsilon is not None:  # defence in depth: never step past the budget
+            allowed = accountant.steps_within(args.target_epsilon, total_steps)
+            if allowed < total_steps:
+                say(f"warning: only {allowed} of {total_steps} steps fit in --target_epsilon {args.target_epsilon:g}")
+                total_steps = allowed
         say(f"privacy plan: epsilon {accountant.epsilon(total_steps):.4g} at delta {args.delta:g} "
             f"(sigma {sigma:.4g}, q {q:.4g}, {total_steps} steps, expected batch {batch_size}, {args.sampling} sampling)")
         if sigma == 0:
@@ -157,6 +178,21 @@ def main(argv=None):
                   if k != "access_token"}
         accelerator.init_trackers("dp_lora_finetuning", config)
 
+    # ---- resume: adapter, optimizer, scheduler, step and privacy spent so far ----
+    history = []
+    state = TrainingState(model, optimizer, scheduler, accountant, history)
+    state.run_facts = {"dataset_size": len(train_set), "expected_batch_size": batch_size, "sampling": args.sampling,
+                       "total_steps": total_steps, "private": private}
+    accelerator.register_for_checkpointing(state)
+    checkpoint = resolve_checkpoint_or_fail(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:
+        try:
+            accelerator.load_state(checkpoint)
+        except ValueError as err:
+            raise UserInputError(f"--resume_from_checkpoint {checkpoint}: {err}") from None
+        say(f"resumed from {checkpoint} at step {state.step}"
+            + (f" (epsilon spent so far {accountant.epsilon():.4g})" if accountant else ""))
+
     # ---- train ----
     def run_eval():
         return evaluate(model, eval_set, eval_collator, eval_batch, accelerator) if eval_set is not None else {}
@@ -164,7 +200,8 @@ def main(argv=None):
     def epsilon_now():
         return accountant.epsilon() if accountant else math.inf
 
-    bar = tqdm(range(total_steps), disable=not accelerator.is_local_main_process, desc="training")
+    bar = tqdm(range(state.step, total_steps), initial=state.step, total=total_steps,
+               disable=not accelerator.is_local_main_process, desc="training")
     train_loss, metrics, postfix = float("nan"), {}, {}
     for step in bar:
         loss_sum, records = train_logical_step(model, sampler.micro_batches(step), collator, dp_gradient,
@@ -172,6 +209,8 @@ def main(argv=None):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.debug_sync_check and (step + 1) % args.debug_sync_check == 0:
+            assert_replicas_agree(params, step + 1)
         if accountant:
             accountant.step()
         train_loss = float(loss_sum / max(records, 1))
@@ -187,8 +226,12 @@ def main(argv=None):
             if metrics:
                 say(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
                     f"epsilon {epsilon_now():.4g}")
+        history.append({"step": step + 1, **log})
         if args.with_tracking:
             accelerator.log(log, step=step + 1)
+        state.step = step + 1
+        if args.checkpointing_steps and state.step % args.checkpointing_steps == 0 and state.step < total_steps:
+            save_checkpoint(accelerator, args.output_dir, state.step)
 
     metrics = run_eval()
     epsilon = accountant.epsilon() if accountant else None
@@ -209,16 +252,26 @@ def main(argv=None):
             save_adapter(model, folder)
             write_json(os.path.join(folder, "privacy_report.json"), report)
             write_json(os.path.join(folder, "all_results.json"), results)
+            write_json(os.path.join(folder, "training_log.json"), history)
         publish_outputs(args.output_dir, write)
         say(f"saved adapter and reports to {args.output_dir}")
     accelerator.wait_for_everyone()
+
+
+def resolve_checkpoint_or_fail(value, output_dir):
+    if value is None:
+        return None
+    try:
+        return resolve_checkpoint(value, output_dir)
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
 
 
 def privacy_report(args, accountant, sigma, sampler, dataset_size, steps, num_processes):
     private = accountant is not None
     report = {
         "epsilon": accountant.epsilon(steps) if private else None,
-        "epsilon_rdp": accountant.epsilon_rdp(steps) if private and hasattr(accountant, "epsilon_rdp") else None,
+        "epsilon_rdp": compute_epsilon_rdp(sigma, sampler.sampling_rate, steps, args.delta) if private else None,
         "delta": args.delta if private else None,
         "noise_multiplier": sigma if private else None,
         "clip_norm": args.clip_norm if private else None,
