@@ -96,6 +96,18 @@ def validate_args(args):
         raise UserInputError("non-private mode needs both --clip_norm -1 and --noise_multiplier -1")
     if args.max_train_steps is not None and args.max_train_steps < 0:
         raise UserInputError(f"--max_train_steps {args.max_train_steps}: must be >= 0")
+    if not (args.clip_norm > 0 or args.clip_norm < 0):  # 0 (or NaN) would silently train without privacy
+        raise UserInputError(f"--clip_norm {args.clip_norm}: must be > 0 (or -1 for non-private training)")
+    if args.target_epsilon is not None and not args.target_epsilon > 0:
+        raise UserInputError(f"--target_epsilon {args.target_epsilon}: must be positive")
+    if not 0 < args.delta < 1:
+        raise UserInputError(f"--delta {args.delta}: must be in (0, 1)")
+    if not args.num_train_epochs >= 0:
+        raise UserInputError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
+    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size < 1:
+        raise UserInputError(f"--per_device_eval_batch_size {args.per_device_eval_batch_size}: must be at least 1")
+    if args.debug_sync_check < 0:
+        raise UserInputError(f"--debug_sync_check {args.debug_sync_check}: must be >= 0")
 
 
 def main(argv=None):

@@ -59,9 +59,9 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     from torch.distributed.fsdp import fully_shard
 
     device = torch.device(device)
-    config_names, reshard = _plugin_settings(accelerator)
-    names = set(layer_class_names or config_names or getattr(_hf_model(model), "_no_split_modules", None) or [])
     hf_model = _hf_model(model)
+    config_names, reshard = _plugin_settings(accelerator)
+    names = set(layer_class_names or config_names or getattr(hf_model, "_no_split_modules", None) or [])
     layers = [m for m in hf_model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"FSDP: no decoder layer of the classes {sorted(names)} in {type(hf_model).__name__}; "
@@ -70,7 +70,7 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     for p in trainable:  # ignored parameters are not moved by FSDP
         p.data = p.data.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in layers:
+    for layer in reversed(layers):  # bottom-up, as fully_shard requires
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
     # the root too reshards after forward (FSDP2 would keep it whole from forward to backward, and
     # after an evaluation forward until the next step): the base stays sharded between passes

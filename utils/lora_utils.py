@@ -77,6 +77,12 @@ def save_adapter(model, output_dir):
     torch.save(state, os.path.join(output_dir, ADAPTER_BIN))
 
 
+def _shape_mismatch(path, err):
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(err).__name__)
+    return f"{path}: adapter does not match the base model ({first})"
+
+
 def load_adapter(base_model, path, is_trainable=False):
     """Base model + adapter from a PEFT folder or a lora_weights.bin (with its adapter_config.json
     beside it). Rank, alpha and targets come from the adapter, never from defaults; every tensor
@@ -86,7 +92,10 @@ def load_adapter(base_model, path, is_trainable=False):
     if not os.path.exists(config_file):
         raise ValueError(f"{path}: no adapter_config.json beside the adapter weights")
     if os.path.isdir(path):
-        model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
+        try:
+            model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable)
+        except RuntimeError as err:  # shape mismatches: a multi-line message, one line per tensor
+            raise ValueError(_shape_mismatch(path, err)) from None
         # from_pretrained only warns about missing keys and ignores unexpected ones
         loaded, saved = set(get_peft_model_state_dict(model)), set(load_peft_weights(folder))
         if loaded != saved:
@@ -97,7 +106,10 @@ def load_adapter(base_model, path, is_trainable=False):
         config = LoraConfig(**{k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__})
     model = get_peft_model(base_model, config)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    result = set_peft_model_state_dict(model, state)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as err:
+        raise ValueError(_shape_mismatch(path, err)) from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
     if unexpected or missing:

@@ -17,7 +17,16 @@ def access_token(args_token):
     return args_token or os.environ.get("HF_TOKEN")
 
 
+def check_model_path(name):
+    """A name that can only be a local path (absolute, ./, ~, a file, nested folders) must be a folder."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        what = "a file, not a model folder" if os.path.exists(name) else "no such model folder"
+        raise UserInputError(f"--model_name_or_path {name}: {what}")
+
+
 def load_tokenizer(name, token=None, padding_side="right"):
+    check_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, token=token)
     except (OSError, ValueError) as err:
@@ -34,6 +43,7 @@ def load_tokenizer(name, token=None, padding_side="right"):
 
 def load_model(name, mixed_precision="no", token=None):
     """Weights in the mixed-precision dtype (bf16/fp16) or float32; LoRA adapters stay float32."""
+    check_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=PRECISION_DTYPES[mixed_precision], token=token)
     except (OSError, ValueError) as err:

@@ -1,0 +1,359 @@
+"""GPU checks for one GPU (run by scripts/gpu_check.sh; under 10 minutes on one H100/H200 class GPU).
+
+    python scripts/gpu_check.py --notes GPU_NOTES.md      # on a GPU machine
+    python scripts/gpu_check.py --smoke                   # CPU rehearsal on tiny shapes (no notes file)
+
+Sections (each reports PASS/FAIL and its figures; one failing does not stop the others):
+  1. exactness   per-example LoRA gradients on the GPU vs one-record backward passes, bf16 autocast
+                 on a bf16 base (and float32 for reference), on a 2-layer model of the 7B width;
+  2. throughput  bf16 training steps of a random Llama with the Llama-2-7B shape (32 layers, hidden
+                 4096, vocab 32000; --layers to shrink): tokens/s and peak memory, non-private vs DP;
+  3. fsdp        the same model wrapped by utils.fsdp_utils.shard_frozen_base in a one-process group
+                 (the function multi-GPU runs use): base weights become DTensors, LoRA weights stay
+                 plain; the DP gradient of a fixed batch equals the unwrapped one; DP tokens/s;
+  4. end_to_end  train_clm.py through accelerate_configs/accelerate_config.cfg (FSDP, bf16, one
+                 process) vs a plain one-process bf16 run: same adapter.
+Figures go to --notes (Markdown) and to stdout.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils.dp_utils import DPGradient, DPRandomness, per_record_loss  # noqa: E402
+from utils.fsdp_utils import shard_frozen_base, shard_summary  # noqa: E402
+from utils.lora_utils import add_lora  # noqa: E402
+
+SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32)
+SHAPE_SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="CPU rehearsal on tiny shapes")
+    p.add_argument("--notes", default=None, help="Markdown file for the figures (GPU_NOTES.md)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the throughput model (default 32)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
+    p.add_argument("--budget_s", type=float, default=480, help="skip sections that would start after this")
+    p.add_argument("--sections", default="exactness,throughput,fsdp,end_to_end")
+    args = p.parse_args()
+    if args.smoke:
+        args.shape, args.device, args.block_size, args.batch_size = SHAPE_SMOKE, torch.device("cpu"), 32, 4
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_check: no CUDA GPU visible (use --smoke for the CPU rehearsal)")
+        args.shape, args.device = SHAPE_7B, torch.device("cuda", 0)
+        torch.cuda.set_device(0)
+    args.layers = args.layers or args.shape["num_hidden_layers"]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_llama(shape, layers, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def lora(model, r=16, random_b=False):
+    model = add_lora(model, r=r, alpha=r, seed=0)
+    if random_b:  # B starts at zero, which would make every A gradient zero
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    return model.train()
+
+
+def make_batch(n, length, vocab, device, ragged=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if ragged:  # right padding, as the collator makes it
+        for i in range(n):
+            mask[i, length - i * (length // (2 * n)):] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ids = ids.masked_fill(mask == 0, 1)
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+
+
+def losses_of(model, batch, autocast_dtype):
+    device_type = batch["input_ids"].device.type
+    context = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with context:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_record_loss(logits, batch["labels"])[0]
+
+
+def relative(a, b):
+    a = torch.cat([x.double().flatten() for x in a])
+    b = torch.cat([x.double().flatten() for x in b])
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def check_exactness(args, notes):
+    """Per-example gradients vs one-record backward passes, in bf16 and in float32."""
+    out = {}
+    for label, base_dtype, autocast, tol in [("bf16", torch.bfloat16, torch.bfloat16, 3e-2),
+                                             ("fp32", torch.float32, None, 1e-4)]:
+        model = lora(random_llama(args.shape, 2, args.device, base_dtype), random_b=True)
+        batch = make_batch(4, min(args.block_size, 256), args.shape["vocab_size"], args.device, ragged=True)
+        dp = DPGradient(model, 1.0, 0.0, 4)
+        losses_of(model, batch, autocast).sum().backward()
+        ours = [dp.store.grads[p].detach().double().clone() for p in dp.params]
+        assert all(dp.store.grads[p].dtype == torch.float32 for p in dp.params), "products must be float32"
+        dp.store.clear()
+        dp.detach()
+        reference = [[] for _ in dp.params]
+        for i in range(4):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            model.zero_grad(set_to_none=True)
+            losses_of(model, one, autocast).sum().backward()
+            for slot, p in zip(reference, dp.params):
+                slot.append(p.grad.detach().double().clone())
+        reference = [torch.stack(r) for r in reference]
+        per_record = [relative([g[i] for g in ours], [r[i] for r in reference]) for i in range(4)]
+        out[label] = max(per_record)
+        notes.append(f"exactness {label}: max over 4 records of ||g_i - g_i(one record)|| / ||g_i(one record)|| "
+                     f"= {out[label]:.3g} (tolerance {tol:g})")
+        del model, dp
+        if out[label] >= tol:
+            raise AssertionError(f"{label} per-example gradients differ from one-record backward: {out[label]:.3g}")
+    return out
+
+
+def time_variant(model, dp, optimizer, batch, args, autocast, label, notes):
+    """3 warm-up and args.steps timed logical steps of one micro-batch; tokens/s and peak memory."""
+    times = []
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(3 + args.steps):
+        sync(args.device)
+        start = time.perf_counter()
+        losses_of(model, batch, autocast).sum().backward()
+        dp.accumulate_micro_batch()
+        dp.finish_step(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(args.device)
+        if step >= 3:
+            times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    tokens = int(batch["attention_mask"].sum())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
+    result = {"step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak}
+    notes.append(f"throughput {label}: {tokens / seconds:,.0f} tokens/s ({seconds * 1000:.0f} ms per step of "
+                 f"{args.batch_size} x {args.block_size} tokens), peak memory {peak:.1f} GiB")
+    return result
+
+
+def dp_gradient_of(model, batch, autocast):
+    """The DP gradient (clip 1, no noise) of one fixed batch, as param.grad after finish_step."""
+    dp = DPGradient(model, 1.0, 0.0, batch["input_ids"].shape[0])
+    losses_of(model, batch, autocast).sum().backward()
+    dp.accumulate_micro_batch()
+    dp.finish_step(0)
+    grads = [p.grad.detach().double().clone() for p in dp.params]
+    model.zero_grad(set_to_none=True)
+    dp.detach()
+    return grads
+
+
+def check_throughput_and_fsdp(args, notes, results, run_fsdp):
+    autocast = torch.bfloat16
+    start = time.perf_counter()
+    model = lora(random_llama(args.shape, args.layers, args.device, torch.bfloat16))
+    sync(args.device)
+    notes.append(f"model: random Llama, {args.layers} layers, hidden {args.shape['hidden_size']}, "
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters in bf16, LoRA r=16 on "
+                 f"q,k,v,o ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable); "
+                 f"built in {time.perf_counter() - start:.0f} s")
+    batch = make_batch(args.batch_size, args.block_size, args.shape["vocab_size"], args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    out = {}
+    for label, clip, sigma in [("non-private", -1, -1), ("DP", 1.0, 1.0)]:
+        dp = DPGradient(model, clip, sigma, args.batch_size, DPRandomness(insecure_seed=0))
+        out[label] = time_variant(model, dp, optimizer, batch, args, autocast, label, notes)
+        dp.detach()
+    out["dp_over_nonprivate_time"] = out["DP"]["step_s"] / out["non-private"]["step_s"]
+    notes.append(f"throughput: DP step time / non-private step time = {out['dp_over_nonprivate_time']:.2f}")
+    results["throughput"] = out
+    if not run_fsdp:
+        return
+    # FSDP with one process: the wrapping multi-GPU runs use, on the same model
+    small = make_batch(min(args.batch_size, 4), min(args.block_size, 128), args.shape["vocab_size"], args.device,
+                       ragged=True, seed=1)
+    before = dp_gradient_of(model, small, autocast)
+    shard_frozen_base(model, args.device)
+    from torch.distributed.tensor import DTensor
+    summary = shard_summary(model)
+    summary["base_dtensors"] = sum(isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad)
+    summary["lora_dtensors"] = sum(isinstance(p, DTensor) for p in params)
+    after = dp_gradient_of(model, small, autocast)
+    diff = relative(after, before)
+    notes.append(f"fsdp (1 process): {summary['base_dtensors']} of {summary['base_params']} base parameters are "
+                 f"FSDP DTensors, {summary['lora_dtensors']} of {summary['lora_params']} LoRA parameters; "
+                 f"DP gradient of a fixed batch, wrapped vs unwrapped: relative difference {diff:.3g}")
+    fsdp = {"summary": summary, "gradient_relative_difference": diff}
+    dp = DPGradient(model, 1.0, 1.0, args.batch_size, DPRandomness(insecure_seed=0))
+    fsdp["DP"] = time_variant(model, dp, optimizer, batch, args, autocast, "DP with FSDP (1 process)", notes)
+    dp.detach()
+    results["fsdp"] = fsdp
+    if summary["base_dtensors"] != summary["base_params"] or summary["lora_dtensors"] or summary["lora_sharded"]:
+        raise AssertionError(f"unexpected FSDP wrapping: {summary}")
+    if diff > 1e-2:
+        raise AssertionError(f"FSDP changes the DP gradient: relative difference {diff:.3g}")
+
+
+def check_end_to_end(args, notes):
+    """train_clm.py: the FSDP accelerate config with one process vs a plain one-process run (bf16)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import build_tiny_model, local_sentences, write_records
+    from safetensors.torch import load_file
+
+    folder = tempfile.mkdtemp(prefix="gpu_check_")
+    model = build_tiny_model(os.path.join(folder, "model"))
+    sentences = local_sentences()
+    data = write_records(os.path.join(folder, "train.jsonl"), [("", s) for s in sentences[:64]], jsonl=True)
+    common = ["--train_file", data, "--validation_file", data, "--model_name_or_path", model, "--block_size", "64",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--clip_norm", "0.5",
+              "--noise_multiplier", "0.7", "--max_train_steps", "3", "--delta", "1e-3", "--insecure_dp_seed", "7",
+              "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+    env = dict(os.environ, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    fsdp_out, plain_out = os.path.join(folder, "fsdp"), os.path.join(folder, "plain")
+    runs = {
+        "fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 os.path.join(ROOT, "accelerate_configs", "accelerate_config.cfg"), "--num_processes", "1",
+                 "--main_process_port", str(_free_port()), os.path.join(ROOT, "train_clm.py"), *common,
+                 "--output_dir", fsdp_out, "--fsdp", "--debug_sync_check", "1"],
+        "plain": [sys.executable, os.path.join(ROOT, "train_clm.py"), *common, "--output_dir", plain_out],
+    }
+    for name, cmd in runs.items():
+        start = time.perf_counter()
+        result = subprocess.run(cmd, cwd=ROOT, env=dict(env, ACCELERATE_MIXED_PRECISION="bf16"),
+                                capture_output=True, text=True, timeout=240)
+        if result.returncode != 0:
+            raise RuntimeError(f"train_clm.py ({name}) failed:\n{result.stderr[-3000:]}")
+        notes.append(f"end_to_end {name}: train_clm.py finished in {time.perf_counter() - start:.0f} s")
+    a, b = load_file(os.path.join(fsdp_out, "adapter_model.safetensors")), load_file(
+        os.path.join(plain_out, "adapter_model.safetensors"))
+    keys = sorted(k for k in a if "lora_B" in k)
+    diff = relative([a[k] for k in keys], [b[k] for k in keys])
+    report = json.load(open(os.path.join(fsdp_out, "privacy_report.json")))
+    notes.append(f"end_to_end: adapter update (lora_B) FSDP config vs plain run, bf16: relative difference "
+                 f"{diff:.3g}; privacy_report num_processes {report['num_processes']}, epsilon {report['epsilon']:.3g}")
+    if diff > 1e-2:
+        raise AssertionError(f"FSDP-config adapter differs from the plain run: {diff:.3g}")
+    return {"lora_B_relative_difference": diff}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_one_process_group(device):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def main():
+    args = parse_args()
+    sections = args.sections.split(",")
+    start, notes, results, status = time.perf_counter(), [], {}, {}
+    name = torch.cuda.get_device_name(0) if args.device.type == "cuda" else "CPU (smoke rehearsal)"
+    header = (f"{time.strftime('%Y-%m-%d %H:%M')} | {name} | torch {torch.__version__} | "
+              f"batch {args.batch_size} x {args.block_size} tokens")
+    print(header, flush=True)
+
+    def section(label, fn):
+        if time.perf_counter() - start > args.budget_s:
+            status[label] = "SKIPPED (time budget)"
+            return
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+            if value is not None:
+                results[label] = value
+            status[label] = "PASS"
+        except Exception as err:  # keep going: the other sections still report
+            traceback.print_exc()
+            status[label] = f"FAIL: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        finally:
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"[{label}] {status[label]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for line in notes[printed:]:
+            print("   ", line, flush=True)
+        if args.notes:  # after every section: a run cut short still leaves its figures
+            write_notes(args.notes, header, status, notes, results, time.perf_counter() - start)
+        return len(notes)
+
+    printed = 0
+    if "exactness" in sections:
+        printed = section("exactness", lambda: check_exactness(args, notes)) or printed
+    if "throughput" in sections or "fsdp" in sections:
+        with_fsdp = "fsdp" in sections
+        if with_fsdp:
+            init_one_process_group(args.device)
+        label = "throughput + fsdp" if with_fsdp else "throughput"
+        printed = section(label, lambda: check_throughput_and_fsdp(args, notes, results, with_fsdp)) or printed
+    if "end_to_end" in sections:
+        section("end_to_end", lambda: check_end_to_end(args, notes))
+    total = time.perf_counter() - start
+    ok = all(s == "PASS" for s in status.values())
+    print(f"gpu_check: {'all passed' if ok else 'FAILURES'} in {total:.0f} s", flush=True)
+    if args.notes:
+        write_notes(args.notes, header, status, notes, results, total)
+        print(f"wrote {args.notes}", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+def write_notes(path, header, status, notes, results, total):
+    lines = ["# GPU notes", "", "Written by `scripts/gpu_check.sh` (do not edit by hand; rerun it on a GPU machine).",
+             "", f"Run: {header}, {total:.0f} s in all.", "", "| section | result |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in status.items()]
+    lines += ["", "## Figures", ""] + [f"- {line}" for line in notes]
+    lines += ["", "## Raw", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Two CPU processes (gloo) give the same adapter as one process for the same logical batch, Poisson
+draw and noise seed, with noise on; with FSDP the frozen base is sharded and the LoRA parameters are
+not (DESIGN.md 2.4, 2.5, 2.9, 5). The launches use the README's configs in accelerate_configs/."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_records
+
+# the same logical batch B = 8: one process 4 x 2 micro-batches, two processes 2 x 2 each
+COMMON = ["--block_size", "64", "--clip_norm", "0.5", "--noise_multiplier", "0.7", "--max_train_steps", "3",
+          "--delta", "1e-3", "--seed", "3", "--insecure_dp_seed", "11", "--gradient_accumulation_steps", "2",
+          "--sampling", "poisson", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+TIMEOUT = 300
+TOLERANCE = 1e-5
+
+
+def _env(threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
+               HF_HUB_OFFLINE="1")
+    env.pop("ACCELERATE_USE_CPU", None)  # the configs alone must give two gloo processes
+    return env
+
+
+def _run(cmd, env, timeout=TIMEOUT):
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def relative_difference(a, b, select=""):
+    keys = [k for k in a if select in k]
+    assert keys and set(a) == set(b)
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
+    den = sum((a[k].double() ** 2).sum() for k in keys)
+    return float((num / den).sqrt())
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def report(folder, name="privacy_report.json"):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def run_setup(tiny_llama, text_records, tmp_path_factory):
+    """Data and the one-process reference run (per-device 4 x accumulation 2)."""
+    folder = tmp_path_factory.mktemp("distributed")
+    train = write_records(folder / "train.jsonl", text_records[:40], jsonl=True)
+    val = write_records(folder / "val.jsonl", text_records[40:52], jsonl=True)
+    data = ["--train_file", train, "--validation_file", val, "--model_name_or_path", tiny_llama]
+    one = str(folder / "one")
+    _run([sys.executable, "train_clm.py", *data, *COMMON, "--per_device_train_batch_size", "4",
+          "--output_dir", one], _env(2))
+    assert report(one)["num_processes"] == 1
+    return {"folder": folder, "data": data, "one": one}
+
+
+def assert_same_as_one_process(out, one):
+    rep = report(out)
+    assert rep["num_processes"] == 2, rep
+    assert rep["expected_batch_size"] == report(one)["expected_batch_size"] == 8
+    assert rep["epsilon"] == pytest.approx(report(one)["epsilon"])
+    a, b = adapter(out), adapter(one)
+    whole, update = relative_difference(a, b), relative_difference(a, b, "lora_B")  # B starts at 0: the update
+    print(f"relative difference vs one process: adapter {whole:.3g}, lora_B (the trained update) {update:.3g}")
+    assert whole < TOLERANCE and update < TOLERANCE, (whole, update)
+    assert relative_difference(b, {k: torch.zeros_like(v) for k, v in b.items()}, "lora_B") > 0  # it trained
+    res, ref = report(out, "all_results.json"), report(one, "all_results.json")
+    assert res["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+    assert res["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+
+
+def test_accelerate_launch_two_cpu_processes_equal_one_process(run_setup):
+    out = str(run_setup["folder"] / "two")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join("accelerate_configs", "cpu_2proc.cfg"), "train_clm.py", *run_setup["data"], *COMMON,
+           "--per_device_train_batch_size", "2", "--output_dir", out, "--debug_sync_check", "1"]
+    _run(cmd, _env(1))
+    assert_same_as_one_process(out, run_setup["one"])
+
+
+def _check_fsdp_reports(folder):
+    reports = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(2)]
+    for rep in reports:
+        assert rep["world_size"] == 2 and rep["sharded"], rep
+        for stage in ("after_wrap", "after_training"):
+            s = rep[stage]
+            # every base weight is sharded: this process holds half of it
+            assert s["base_sharded"] == s["base_params"] > 0, s
+            assert s["base_local_numel"] < s["base_full_numel"], s
+            assert s["base_local_numel"] <= s["base_full_numel"] // 2 + 1000, s
+            ex = s["example"]
+            assert ex["local_shape"][0] * 2 == ex["full_shape"][0] and ex["local_shape"][1:] == ex["full_shape"][1:]
+            # LoRA parameters are plain, whole, replicated tensors
+            assert s["lora_params"] > 0 and s["lora_sharded"] == 0, s
+        print(f"rank {rep['rank']}: base {rep['after_wrap']['base_local_numel']} of "
+              f"{rep['after_wrap']['base_full_numel']} elements held; {rep['after_wrap']['example']}")
+        assert rep["drift_detected"], "a one-ulp difference between replicas went unnoticed"
+    assert reports[0]["after_wrap"]["lora_numel"] == reports[1]["after_wrap"]["lora_numel"]
+
+
+def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
+    """torch FSDP2 on CPU with gloo, with activation checkpointing (a 7B run uses both) and a
+    resumable checkpoint saved mid-run."""
+    out, reports = str(run_setup["folder"] / "fsdp"), str(run_setup["folder"] / "fsdp_reports")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join("tests", "fsdp_worker.py"), *run_setup["data"], *COMMON,
+           "--per_device_train_batch_size", "2", "--output_dir", out, "--fsdp", "--gradient_ckpt",
+           "--debug_sync_check", "1", "--checkpointing_steps", "2"]
+    _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
+    _check_fsdp_reports(reports)
+    assert_same_as_one_process(out, run_setup["one"])
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_2"))  # accelerate's save_state works sharded
+
+
+def test_fsdp_accelerate_config_on_cpu_shards_and_equals_unsharded(run_setup):
+    """The README's FSDP config itself, on two CPU processes (fp32 here; bf16 is for GPUs)."""
+    out, reports = str(run_setup["folder"] / "fsdp_cfg"), str(run_setup["folder"] / "fsdp_cfg_reports")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join("accelerate_configs", "accelerate_config.cfg"), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0",
+           os.path.join("tests", "fsdp_worker.py"), *run_setup["data"], *COMMON,
+           "--per_device_train_batch_size", "2", "--output_dir", out, "--debug_sync_check", "1"]
+    _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
+    _check_fsdp_reports(reports)
+    assert_same_as_one_process(out, run_setup["one"])
+
+
+def test_fsdp_flag_without_a_launcher_is_a_clear_error():
+    from accelerate import Accelerator
+
+    from utils.data_utils import UserInputError
+    from utils.fsdp_utils import fsdp_requested
+
+    accelerator = Accelerator(cpu=True)
+    assert not fsdp_requested(False, accelerator)
+    with pytest.raises(UserInputError, match="--fsdp needs a process group"):
+        fsdp_requested(True, accelerator)
+
+
+def test_replica_checksum_sees_one_ulp():
+    from utils.fsdp_utils import replica_checksum
+
+    params = [torch.randn(8, 4), torch.randn(3, 8)]
+    before = replica_checksum(params)
+    assert torch.equal(before, replica_checksum([p.clone() for p in params]))
+    params[1].view(-1)[5] = torch.nextafter(params[1].view(-1)[5], torch.tensor(10.0))
+    assert not torch.equal(before, replica_checksum(params))
+    # swapping two values (same sum, same sum of |x|) is seen too
+    swapped = [p.clone() for p in params]
+    swapped[0].view(-1)[[0, 1]] = swapped[0].view(-1)[[1, 0]]
+    assert not torch.equal(replica_checksum(params), replica_checksum(swapped))
+
+
+def test_configs_say_what_the_readme_says():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    def load(name):
+        return load_config_from_file(os.path.join(ROOT, "accelerate_configs", name)).to_dict()
+
+    fsdp = load("accelerate_config.cfg")
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["mixed_precision"] == "bf16"
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True
+    assert not fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]  # every process loads the base
+    ddp = load("accelerate_config_nofsdp.cfg")
+    assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "bf16"
+    one, two = load("cpu_1proc.cfg"), load("cpu_2proc.cfg")
+    assert one["distributed_type"] == "NO" and one["num_processes"] == 1 and one["use_cpu"]
+    # MULTI_CPU would silently run one process without mpirun (DESIGN.md 5)
+    assert two["distributed_type"] == "MULTI_GPU" and two["num_processes"] == 2
+
+
+def test_data_parallel_gpu_config_starts_gloo_processes_on_cpu(tmp_path):
+    """The multi-GPU config, launched on CPU with 2 processes, gives one 2-process gloo job."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, sys, torch\nfrom accelerate import Accelerator\n"
+        "a = Accelerator(cpu=not torch.accelerator.is_available())\n"
+        "import torch.distributed as dist\n"
+        "print(json.dumps([a.process_index, a.num_processes, dist.get_backend()]), flush=True)\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg"), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0", str(probe)]
+    out = _run(cmd, _env(1), timeout=120).stdout
+    seen = sorted(json.loads(line) for line in out.splitlines() if line.startswith("["))
+    assert seen == [[0, 2, "gloo"], [1, 2, "gloo"]], out
