@@ -3,6 +3,8 @@
 Privacy unit = one record = one sequence (DESIGN.md 2.1): records are never packed together.
 """
 
+import codecs
+import json
 import math
 import os
 
@@ -26,10 +28,17 @@ def load_records_file(path):
     """The seed's JSON ({"instruction": [...], "answer": [...]}) or JSON Lines records -> Dataset."""
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise UserInputError(f"{path}: no records (the file is empty)")
+    _check_utf8(path)  # pyarrow keeps invalid bytes, and decoding fails later, deep inside datasets
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its parser logs a second error line
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train")
     except Exception as err:  # datasets wraps parser errors in several types
-        raise UserInputError(f"{path}: not valid JSON or JSON Lines ({type(err).__name__})") from None
+        raise UserInputError(f"{path}: not valid JSON or JSON Lines ({_json_problem(path) or type(err).__name__})") from None
+    finally:
+        datasets.utils.logging.set_verbosity(level)
     missing = {"instruction", "answer"} - set(ds.column_names)
     if missing:
         raise UserInputError(f"{path}: records lack the key(s) {sorted(missing)}")
@@ -38,6 +47,43 @@ def load_records_file(path):
     if len(ds) == 0:
         raise UserInputError(f"{path}: no records")
     return ds.select_columns(["instruction", "answer"])
+
+
+def _check_utf8(path):
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise UserInputError(f"{path}: not UTF-8 text (invalid byte near offset {offset + err.start})") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text (the file ends inside a character)") from None
+
+
+def _json_problem(path):
+    """Where a file fails to parse, as JSON and as JSON Lines (called only after datasets failed)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        return "the file holds only whitespace"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as whole:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == 1:  # not JSON Lines either: report the position in the whole document
+                    return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+                return f"line {number}, column {err.colno}: {err.msg}"
+        return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    return "a JSON document that is neither {\"instruction\": [...], \"answer\": [...]} nor records"
 
 
 def _columns_to_records(ds, path):
@@ -49,6 +95,9 @@ def _columns_to_records(ds, path):
         raise UserInputError(
             f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but 'answer' has {len(row['answer'] or [])}"
         )
+    for i, (instruction, answer) in enumerate(zip(row["instruction"] or [], row["answer"] or [])):
+        _check_text(path, i, "instruction", instruction)  # before exploding: mixed types break datasets
+        _check_text(path, i, "answer", answer)
     return ds.map(
         lambda batch: {"instruction": batch["instruction"][0], "answer": batch["answer"][0]},
         batched=True, batch_size=1, remove_columns=ds.column_names,
@@ -89,8 +138,14 @@ def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, 
 
 def _check_strings(ds, name):
     for i, (instruction, answer) in enumerate(zip(ds["instruction"], ds["answer"])):
-        if not isinstance(instruction, str) or not isinstance(answer, str):
-            raise UserInputError(f"{name}: record {i} has a non-text instruction or answer")
+        _check_text(name, i, "instruction", instruction)
+        _check_text(name, i, "answer", answer)
+
+
+def _check_text(name, i, key, value):
+    if not isinstance(value, str):
+        what = "missing or null" if value is None else f"of type {type(value).__name__}, not text"
+        raise UserInputError(f"{name}: record {i} (counting from 0): '{key}' is {what}")
 
 
 # ----------------------------------------------------------------------------------------------

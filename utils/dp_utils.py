@@ -13,8 +13,13 @@ per-example weight gradients (and the input gradient) instead of the summed weig
 autograd never computes the summed LoRA gradient that would be thrown away. Saving the input in the
 autograd context (rather than in a module attribute) makes activation checkpointing safe: a
 recomputed forward saves a fresh input for exactly one backward call.
+
+Speed (PERFORMANCE.md): every layer's per-example gradients land in one [n, P] buffer (one row per
+record), so the joint norms are one reduction and the clipped sum one matrix-vector product,
+whatever the number of layers; the buffer is dropped as soon as the micro-batch is clipped.
 """
 
+import functools
 import hashlib
 import math
 import secrets
@@ -26,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
-# Per-example gradients, one small function per layer type (registered in PER_EXAMPLE_BACKWARDS)
+# Per-example gradients, one small function per layer type (registered in PER_EXAMPLE_FORWARDS)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -35,19 +40,32 @@ def _accumulation_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def linear_per_example_grad(inputs, grad_output):
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def linear_per_example_grad(inputs, grad_output, transposed=None, dtype=None):
     """Per-example weight gradient of y = x W^T for x [n, ..., in] and dL/dy [n, ..., out].
 
-    Tokens (all middle dimensions) are summed inside one batched matmul: [n, out, in]."""
-    dtype = _accumulation_dtype(inputs.dtype)
-    n = inputs.shape[0]
-    x = inputs.reshape(n, -1, inputs.shape[-1]).to(dtype)
-    g = grad_output.reshape(n, -1, grad_output.shape[-1]).to(dtype)
-    return torch.bmm(g.transpose(1, 2), x)
+    Tokens (all middle dimensions) are summed inside one batched matmul (float32 or wider).
+    Returns [n, out, in] (transposed=False) or its [n, in, out] transpose (transposed=True);
+    by default whichever is faster to compute, as an [n, out, in] (possibly transposed) view:
+    x^T g when out > in (LoRA B: [n, r, out] has long rows, [n, out, r] rows only r wide;
+    measured 1.8x on [8, 512, 16]). dtype: of the products, by default float32 or wider."""
+    if dtype is None:
+        dtype = _accumulation_dtype(torch.promote_types(inputs.dtype, grad_output.dtype))
+    x, g = _as(inputs, dtype), _as(grad_output, dtype)
+    if x.dim() != 3:
+        n = x.shape[0]
+        x, g = x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    if transposed is None:
+        wide = g.shape[-1] > x.shape[-1]
+        return torch.bmm(x.transpose(1, 2), g).transpose(1, 2) if wide else torch.bmm(g.transpose(1, 2), x)
+    return torch.bmm(x.transpose(1, 2), g) if transposed else torch.bmm(g.transpose(1, 2), x)
 
 
 class _PerExampleLinear(torch.autograd.Function):
-    """y = F.linear(x, W); backward gives dL/dx and records per-example dL/dW in `store`."""
+    """y = F.linear(x, W); backward gives dL/dx and writes per-example dL/dW into `store`."""
 
     @staticmethod
     def forward(ctx, x, weight, store):
@@ -63,8 +81,13 @@ class _PerExampleLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_output @ weight.to(grad_output.dtype)).to(x.dtype)
-        ctx.store.add(ctx.param, linear_per_example_grad(x, grad_output))
+            grad_x = _as(grad_output.matmul(_as(weight, grad_output.dtype)), x.dtype)
+        store = ctx.store
+        if torch.is_autocast_enabled(grad_output.device.type):  # backward called inside autocast
+            with torch.autocast(grad_output.device.type, enabled=False):
+                store.add_linear(ctx.param, x, grad_output)
+        else:
+            store.add_linear(ctx.param, x, grad_output)
         return grad_x, None, None
 
 
@@ -80,19 +103,64 @@ PER_EXAMPLE_FORWARDS = {nn.Linear: _per_example_linear_forward}
 
 
 class PerExampleGradStore:
-    """Per-example gradients of one micro-batch, keyed by parameter, summed over repeated uses."""
+    """Per-example gradients of one micro-batch, all parameters in one [n, P] buffer.
 
-    def __init__(self):
-        self.grads = {}
+    Row i holds record i's gradient over every trainable parameter (parameter k in columns
+    offset_k .. offset_k + numel_k), so the joint norm is one reduction over rows and the clipped
+    sum one matrix-vector product. Each layer's batched matmul result is copied into its slice; a 2-D
+    weight with more rows than columns (LoRA B) is stored transposed ([in, out] per record), the
+    faster orientation to compute. The buffer lives from the micro-batch's first per-example
+    gradient until `clear()` (after clipping). `grads` maps each parameter to its [n, *shape] view."""
+
+    def __init__(self, layout, dtype=torch.float32):
+        self.layout = layout  # param -> (offset, numel, transposed)
+        self.dtype = dtype  # float32 (or float64 for float64 parameters), whatever the activations' dtype
+        self.size = sum(numel for _, numel, _ in layout.values())
+        self.buffer = None
+        self.filled = set()
+
+    def view(self, flat, param, compute_layout=False):
+        """param's slice of a [P] or [n, P] tensor, shaped like the parameter (or its compute layout)."""
+        offset, numel, transposed = self.layout[param]
+        part = flat[..., offset:offset + numel]
+        shape = param.shape[::-1] if transposed else param.shape
+        part = part.unflatten(-1, shape)
+        return part if compute_layout or not transposed else part.transpose(-1, -2)
+
+    def _slot(self, param, n):
+        """The buffer slice to write param's per-example gradient into; None if already written."""
+        if self.buffer is None:
+            self.buffer = torch.empty(n, self.size, dtype=self.dtype, device=param.device)
+        elif self.buffer.shape[0] != n:
+            raise RuntimeError(f"per-example gradients of one micro-batch for {self.buffer.shape[0]} and {n} records")
+        if param in self.filled:
+            return None
+        self.filled.add(param)
+        return self.view(self.buffer, param, compute_layout=True)
+
+    def add_linear(self, param, x, grad_output):
+        slot = self._slot(param, x.shape[0])
+        if slot is not None:
+            # bmm(out=slot) would loop over the records (slot rows are strided): compute, then copy
+            slot.copy_(linear_per_example_grad(x, grad_output, self.layout[param][2], self.dtype))
+        else:  # the parameter is used twice in this micro-batch: sum its contributions
+            self.view(self.buffer, param).add_(linear_per_example_grad(x, grad_output))
 
     def add(self, param, grad):
-        if param in self.grads:
-            self.grads[param] = self.grads[param] + grad
+        """Generic entry for other layer types: grad is [n, *param.shape]."""
+        slot = self._slot(param, grad.shape[0])
+        if slot is not None:
+            self.view(self.buffer, param).copy_(grad)
         else:
-            self.grads[param] = grad
+            self.view(self.buffer, param).add_(grad)
+
+    @property
+    def grads(self):
+        return {p: self.view(self.buffer, p) for p in self.layout if p in self.filled}
 
     def clear(self):
-        self.grads = {}
+        self.buffer = None
+        self.filled = set()
 
 
 def trainable_modules(model):
@@ -175,12 +243,23 @@ class DPGradient:
         self.expected_batch_size = expected_batch_size
         self.randomness = randomness
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.summed = [torch.zeros_like(p, dtype=_accumulation_dtype(p.dtype)) for p in self.params]
-        self.store = PerExampleGradStore()
+        layout, offset = {}, 0
+        for p in self.params:
+            # 2-D weights with more rows than columns (LoRA B) are kept transposed: see the store
+            layout[p] = (offset, p.numel(), self.private and p.dim() == 2 and p.shape[0] > p.shape[1])
+            offset += p.numel()
+        dtypes = {_accumulation_dtype(p.dtype) for p in self.params} or {torch.float32}
+        self._dtype = functools.reduce(torch.promote_types, dtypes)
+        self.store = PerExampleGradStore(layout, self._dtype)
+        self._device = self.params[0].device if self.params else torch.device("cpu")
+        self.summed = self._new_sum()  # the step's sum of clipped gradients, flat [P]
         self._saved_forwards = []
         self.last_norms = None
         if self.private:
             self._attach(model)
+
+    def _new_sum(self):
+        return torch.zeros(self.store.size, dtype=self._dtype, device=self._device)
 
     def _attach(self, model):
         for module in trainable_modules(model):
@@ -198,30 +277,29 @@ class DPGradient:
     def accumulate_micro_batch(self):
         """Clip this micro-batch's per-example gradients and add them to the step's sum."""
         if not self.private:
-            for total, p in zip(self.summed, self.params):
+            for p in self.params:
                 if p.grad is not None:
-                    total += p.grad
+                    self.store.view(self.summed, p).add_(p.grad)
                     p.grad = None
             return
-        grads = [self.store.grads.get(p) for p in self.params]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        if len(missing) == len(grads):
-            self.store.clear()
-            return  # a micro-batch of masked dummy records only: contributes nothing
-        if missing:
+        store = self.store
+        if store.buffer is None:
+            return  # no per-example gradient at all (no backward through the adapters)
+        if len(store.filled) != len(self.params):
+            store.clear()
             raise RuntimeError("some trainable parameters got no per-example gradient in this micro-batch")
-        norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
-        scale = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-        for total, g in zip(self.summed, grads):
-            total += torch.einsum("n,n...->...", scale, g)
-        self.last_norms = norms.detach()
-        self.store.clear()
+        per_example = store.buffer  # [n, P]: one record per row
+        norms = torch.linalg.vector_norm(per_example, dim=1)  # the joint norm over all parameters
+        scale = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)
+        self.summed.addmv_(per_example.t(), scale)  # sum_i scale_i g_i, one matrix-vector product
+        self.last_norms = norms
+        store.clear()  # per-example gradients are not kept past this point
 
     # -- per logical step ---------------------------------------------------------------------
 
     def finish_step(self, step):
         """Sum over processes, add one noise draw, divide by B, write into param.grad."""
-        flat = torch.cat([t.flatten() for t in self.summed])
+        flat, self.summed = self.summed, self._new_sum()  # param.grad will be views of `flat`
         if self.private and self.noise_multiplier > 0 and _rank() == 0:
             # one draw for the whole job: only process 0 adds noise, before the sum
             gen = self.randomness.generator("noise", step, device=flat.device.type)
@@ -232,12 +310,8 @@ class DPGradient:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.expected_batch_size
-        offset = 0
-        for total, p in zip(self.summed, self.params):
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-            total.zero_()
+        for p in self.params:
+            p.grad = self.store.view(flat, p).to(p.dtype, memory_format=torch.contiguous_format)
 
     def noise_std(self):
         """Standard deviation of the noise in the averaged gradient: sigma * C / B."""

@@ -1,0 +1,316 @@
+"""Demo: DP LoRA fine-tuning of a real small LLM on real PubMed abstracts, on a CPU, offline.
+
+    python scripts/demo.py                        # about 6-7 minutes on 2 CPU cores
+    python scripts/demo.py --compare_nonprivate   # also non-private LoRA, same data and steps
+
+Every stage is a real command of this repository, printed before it runs:
+
+  1. build data/pubmed_dataset and models/SmolLM2-135M-Instruct if absent
+     (scripts/prepare_pubmed.py, scripts/prepare_model.py);
+  2. write a training subset and a validation subset (JSON Lines, prompt "Abstract:") into
+     --output_dir (git-ignored outputs/demo by default: PubMed text is never committed);
+  3. validation perplexity of the base model: train_clm.py --max_train_steps 0 (LoRA B starts at
+     zero, so the initial adapter is the base model);
+  4. DP LoRA training at --target_epsilon (train_clm.py), which evaluates the same validation subset;
+  5. (--compare_nonprivate) the same training without clipping or noise;
+  6. a few synthetic abstracts from the DP adapter (inference_generation_dataset.py);
+  7. a summary (summary.txt, summary.json) and a plot of training loss and epsilon (training.png).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+from prepare_model import is_complete, smollm2_dir  # noqa: E402
+
+DEFAULT_DATASET_DIR = os.path.join(REPO_ROOT, "data", "pubmed_dataset")
+PROMPT = "Abstract:"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "outputs", "demo"))
+    p.add_argument("--target_epsilon", type=float, default=8.0)
+    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1 / (10 x train_records))")
+    p.add_argument("--train_records", type=int, default=5000,
+                   help="training subset size N (the privacy unit is one abstract; q = batch_size / N)")
+    p.add_argument("--val_records", type=int, default=64, help="validation subset for perplexity")
+    p.add_argument("--steps", type=int, default=14, help="DP-SGD steps (logical batches)")
+    p.add_argument("--batch_size", type=int, default=32, help="expected logical batch size B (Poisson sampling)")
+    p.add_argument("--micro_batch_size", type=int, default=8, help="records per forward/backward pass")
+    p.add_argument("--block_size", type=int, default=128, help="tokens per abstract (longer ones are truncated)")
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--clip_norm", type=float, default=1.0)
+    p.add_argument("--compare_nonprivate", action="store_true",
+                   help="also train non-private LoRA with the same data and steps (adds the training time again)")
+    p.add_argument("--num_samples", type=int, default=4, help="synthetic abstracts to generate")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="subset choice, adapter initialisation and sampling of generations")
+    p.add_argument("--model_name_or_path", default=None, help="default: models/SmolLM2-135M-Instruct (built if absent)")
+    p.add_argument("--dataset_dir", default=None, help="default: data/pubmed_dataset (built if absent)")
+    args = p.parse_args(argv)
+    if args.batch_size % args.micro_batch_size:
+        p.error(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size}")
+    for name in ("train_records", "val_records", "steps", "num_samples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.delta is None:
+        args.delta = min(1e-5, 1 / (10 * args.train_records))
+    return args
+
+
+class Stages:
+    """Runs commands, printing each first, and keeps the wall and CPU time of every stage."""
+
+    def __init__(self):
+        self.times = {}
+        self.env = dict(os.environ)
+        for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                           ("WANDB_MODE", "offline"), ("PYTHONUNBUFFERED", "1")):
+            self.env.setdefault(key, value)
+
+    def run(self, stage, cmd):
+        shown = ["python"] + [_short(c) for c in cmd[1:]]
+        print(f"\n=== {stage}\n$ {shlex.join(shown)}", flush=True)
+        start, cpu = time.time(), _children_cpu()
+        code = subprocess.call([sys.executable] + cmd[1:], cwd=REPO_ROOT, env=self.env)
+        self.add(stage, time.time() - start, _children_cpu() - cpu)
+        if code != 0:
+            sys.exit(f"demo: stage '{stage}' failed (exit status {code}); command: {shlex.join(shown)}")
+
+    def add(self, stage, wall, cpu=0.0):
+        old = self.times.get(stage, (0.0, 0.0))
+        self.times[stage] = (old[0] + wall, old[1] + cpu)
+
+
+def _short(path):
+    """A path inside the repository, relative to it (commands are run from the repository root)."""
+    if os.path.isabs(path) and path.startswith(REPO_ROOT + os.sep):
+        return os.path.relpath(path, REPO_ROOT)
+    return path
+
+
+def _children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_subsets(dataset_dir, folder, train_records, val_records, seed):
+    """The first N of a seeded shuffle of the train split, the first M of the validation split's."""
+    import datasets
+
+    dd = datasets.load_from_disk(dataset_dir)
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for split, count in (("train", train_records), ("validation", val_records)):
+        if split not in dd:
+            sys.exit(f"demo: {dataset_dir} has no '{split}' split")
+        if len(dd[split]) < count:
+            sys.exit(f"demo: --{'train' if split == 'train' else 'val'}_records {count}: "
+                     f"the {split} split has only {len(dd[split])} records")
+        order = list(range(len(dd[split])))
+        random.Random(seed).shuffle(order)
+        texts = dd[split].select(order[:count])["text"]
+        paths[split] = os.path.join(folder, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            for text in texts:
+                f.write(json.dumps({"instruction": PROMPT, "answer": text}, ensure_ascii=False) + "\n")
+        print(f"wrote {count} {split} records to {_short(paths[split])}")
+    return paths
+
+
+def train_command(args, model, paths, out, private, steps):
+    cmd = [sys.executable, "train_clm.py", "--model_name_or_path", model,
+           "--train_file", paths["train"], "--validation_file", paths["validation"], "--output_dir", out,
+           "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.micro_batch_size),
+           "--gradient_accumulation_steps", str(args.batch_size // args.micro_batch_size),
+           "--per_device_eval_batch_size", "16", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r),
+           "--lora_target_modules", args.lora_target_modules, "--learning_rate", str(args.learning_rate),
+           "--max_train_steps", str(steps), "--seed", str(args.seed)]
+    if private:
+        cmd += ["--clip_norm", str(args.clip_norm), "--target_epsilon", f"{args.target_epsilon:g}",
+                "--delta", f"{args.delta:g}"]
+    else:
+        cmd += ["--clip_norm", "-1", "--noise_multiplier", "-1"]
+    return cmd
+
+
+def adapter_size(folder):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
+    """Training loss (DP, and non-private if run) and epsilon spent against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from utils.accounting import compute_epsilon
+
+    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in dp_log]
+    ax_loss.plot(steps, [r["train_loss"] for r in dp_log], "o-", color="C0", ms=3,
+                 label=f"DP LoRA, training batch (eps {report['epsilon']:.2g})")
+    if nonprivate:
+        np_log, np_loss = nonprivate
+        ax_loss.plot([r["step"] for r in np_log], [r["train_loss"] for r in np_log], "s-", color="C1", ms=3,
+                     label="non-private LoRA, training batch")
+        ax_loss.plot([steps[-1]], [np_loss], "D", color="C1", ms=8, label="non-private LoRA, validation")
+    ax_loss.plot([0], [base_loss], "*", color="k", ms=12, label="base model, validation")
+    ax_loss.plot([steps[-1]], [dp_loss], "D", color="C0", ms=8, label="DP LoRA, validation")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.set_title("Training loss")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+
+    sigma, q, delta = report["noise_multiplier"], report["sampling_rate"], report["delta"]
+    eps_steps = list(range(1, report["steps"] + 1))
+    ax_eps.plot([0] + eps_steps, [0.0] + [compute_epsilon(sigma, q, t, delta) for t in eps_steps], "o-", ms=3,
+                color="C2", label=f"epsilon spent (delta {delta:.0e})")
+    if report.get("target_epsilon"):
+        ax_eps.axhline(report["target_epsilon"], color="C3", ls="--", label=f"target {report['target_epsilon']:g}")
+    ax_eps.set_xlabel("step")
+    ax_eps.set_ylabel("epsilon")
+    ax_eps.set_title(f"Privacy spent (sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
+    ax_eps.legend(fontsize=8)
+    ax_eps.grid(alpha=0.3)
+    for ax in (ax_loss, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_text(s):
+    lines = [
+        "==================== DP fine-tuning demo: summary ====================",
+        f"model       {s['model']} + LoRA r={s['lora_r']} on {s['lora_target_modules']} "
+        f"({s['trainable_parameters']:,} trainable parameters)",
+        f"data        {s['train_records']} training / {s['val_records']} validation PubMed abstracts "
+        f"(prompt \"{PROMPT}\", {s['block_size']} tokens max)",
+        f"privacy     epsilon {s['epsilon']:.3g} at delta {s['delta']:.0e} ({s['sampling']} sampling, "
+        f"PLD accountant)",
+        f"            noise multiplier {s['noise_multiplier']:.3g}, clip norm {s['clip_norm']:g}, "
+        f"sampling rate {s['sampling_rate']:.3g}, expected batch {s['expected_batch_size']}, {s['steps']} steps",
+        f"perplexity  base model {s['perplexity_base']:.2f} -> DP LoRA {s['perplexity_dp']:.2f} "
+        f"(validation, {s['val_records']} abstracts)",
+    ]
+    if s.get("perplexity_nonprivate") is not None:
+        lines.append(f"            non-private LoRA, same data and steps: {s['perplexity_nonprivate']:.2f}")
+    lines.append("time        " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in s["time"].items())
+                 + f"; total {s['total_wall_s'] / 60:.1f} min")
+    lines.append(f"plot        {s['plot']}")
+    lines.append(f"synthetic abstracts from the DP adapter (temperature 1, top-k 50, {s['max_new_tokens']} new tokens max):")
+    for i, text in enumerate(s["samples"], 1):
+        lines.append(f"  [{i}] {PROMPT} {' '.join(text.split())}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    stages = Stages()
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+
+    # 1. data and model (only when absent)
+    dataset_dir = os.path.abspath(args.dataset_dir or DEFAULT_DATASET_DIR)
+    if not os.path.isfile(os.path.join(dataset_dir, "dataset_dict.json")):
+        if args.dataset_dir:
+            sys.exit(f"demo: --dataset_dir {args.dataset_dir}: no built data set there")
+        stages.run("prepare data", [sys.executable, "scripts/prepare_pubmed.py"])
+    model = args.model_name_or_path or smollm2_dir()
+    if args.model_name_or_path is None and not is_complete(model):
+        stages.run("prepare model", [sys.executable, "scripts/prepare_model.py"])
+
+    # 2. subsets
+    t = time.time()
+    print(f"\n=== subsets: {args.train_records} training and {args.val_records} validation abstracts", flush=True)
+    paths = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed)
+    stages.add("subsets", time.time() - t)
+    runs = {name: os.path.join(out, name) for name in ("base", "dp", "nonprivate", "samples")}
+    for folder in runs.values():  # this demo's own outputs of an earlier run
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # 3.-5. base perplexity, DP training, non-private training
+    stages.run("base model perplexity", train_command(args, model, paths, runs["base"], False, 0))
+    stages.run("DP training", train_command(args, model, paths, runs["dp"], True, args.steps))
+    if args.compare_nonprivate:
+        stages.run("non-private training", train_command(args, model, paths, runs["nonprivate"], False, args.steps))
+
+    # 6. synthetic abstracts from the DP adapter
+    stages.run("generation", [
+        sys.executable, "inference_generation_dataset.py", "--model_name_or_path", model,
+        "--lora_weights_path", runs["dp"], "--validation_file", paths["validation"],
+        "--num_samples", str(args.num_samples), "--batch_size", str(args.num_samples),
+        "--max_new_tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--output_dir", runs["samples"]])
+
+    # 7. plot and summary
+    t = time.time()
+    base = read_json(os.path.join(runs["base"], "all_results.json"))
+    dp = read_json(os.path.join(runs["dp"], "all_results.json"))
+    report = read_json(os.path.join(runs["dp"], "privacy_report.json"))
+    dp_log = read_json(os.path.join(runs["dp"], "training_log.json"))
+    nonprivate = None
+    if args.compare_nonprivate:
+        np_results = read_json(os.path.join(runs["nonprivate"], "all_results.json"))
+        nonprivate = (read_json(os.path.join(runs["nonprivate"], "training_log.json")), np_results["eval_loss"])
+    with open(os.path.join(runs["samples"], "generations.jsonl")) as f:
+        samples = [json.loads(line)["answer"] for line in f if line.strip()]
+    plot_path = os.path.join(out, "training.png")
+    plot(plot_path, dp_log, report, base["eval_loss"], dp["eval_loss"], nonprivate)
+    stages.add("summary and plot", time.time() - t)
+
+    summary = {
+        "model": _short(model),
+        "lora_r": args.lora_r, "lora_target_modules": args.lora_target_modules,
+        "trainable_parameters": adapter_size(runs["dp"]),
+        "train_records": args.train_records, "val_records": args.val_records, "block_size": args.block_size,
+        "learning_rate": args.learning_rate,
+        **{k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sampling", "sampling_rate",
+                                  "expected_batch_size", "steps", "accountant")},
+        "perplexity_base": base["eval_perplexity"], "perplexity_dp": dp["eval_perplexity"],
+        "perplexity_nonprivate": np_results["eval_perplexity"] if args.compare_nonprivate else None,
+        "eval_loss_base": base["eval_loss"], "eval_loss_dp": dp["eval_loss"],
+        "eval_loss_nonprivate": np_results["eval_loss"] if args.compare_nonprivate else None,
+        "time": {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in stages.times.items()},
+        "total_wall_s": round(time.time() - start, 1),
+        "plot": _short(plot_path),
+        "max_new_tokens": args.max_new_tokens, "samples": samples,
+    }
+    text = summary_text(summary)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text, flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

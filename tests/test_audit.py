@@ -1,0 +1,87 @@
+"""scripts/audit_privacy.py: the one-run epsilon lower bound, and the audit of real training runs.
+
+With clipping and noise off the audit must find clear leakage (the attack has power); with DP on
+its lower bound must stay below the epsilon the run claims."""
+
+import importlib.util
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("audit_privacy", os.path.join(ROOT, "scripts", "audit_privacy.py"))
+audit = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(audit)
+
+
+# ---- the bound itself ----
+
+@pytest.mark.parametrize("r", [16, 64, 200])
+def test_all_guesses_correct_matches_the_closed_form(r):
+    # delta 0, v = r: P[Bin(r, p) >= r] = p^r = 0.05  ->  p = 0.05^(1/r), eps = log(p / (1 - p))
+    p = 0.05 ** (1 / r)
+    assert audit.epsilon_lower_bound(r, r, r, 0.0, 0.95) == pytest.approx(math.log(p / (1 - p)), abs=1e-5)
+
+
+def test_chance_level_gives_no_evidence_and_the_bound_grows_with_correct_guesses():
+    assert audit.epsilon_lower_bound(100, 100, 50, 1e-5) == 0.0
+    assert audit.epsilon_lower_bound(100, 100, 58, 1e-5) == 0.0  # within chance at 95%
+    bounds = [audit.epsilon_lower_bound(100, 100, v, 1e-5) for v in range(60, 101, 5)]
+    assert all(a < b for a, b in zip(bounds, bounds[1:]))
+    # delta only ever weakens the conclusion
+    assert audit.epsilon_lower_bound(100, 100, 90, 1e-3) < audit.epsilon_lower_bound(100, 100, 90, 0.0)
+
+
+def test_bound_is_valid_for_randomized_response():
+    """eps-DP randomized response on each inclusion bit: the 95% bound exceeds eps in ~5% of trials."""
+    rng, eps, m, trials = random.Random(0), 1.0, 200, 400
+    p = math.exp(eps) / (1 + math.exp(eps))
+    above = 0
+    for _ in range(trials):
+        correct = sum(rng.random() < p for _ in range(m))
+        above += audit.epsilon_lower_bound(m, m, correct, 0.0, 0.95) > eps
+    assert above / trials <= 0.08
+
+
+def test_guessing_takes_top_and_bottom_scores():
+    scores = [5, 4, 3, 2, 1, 0]
+    included = [True, True, False, True, False, False]
+    assert audit.guess_and_count(scores, included, 6) == (3, 3, 4)  # 0, 1 in; 4, 5 out
+    assert audit.guess_and_count(scores, included, 4) == (2, 2, 4)  # abstains on the middle two
+    assert audit.guess_and_count(scores, included, 1) == (1, 0, 1)
+
+
+# ---- audits of real runs of train_clm.py ----
+
+def run_audit(tmp_path, capsys, *extra):
+    out = tmp_path / "audit"
+    threads = torch.get_num_threads()
+    try:
+        result = audit.main(["--output_dir", str(out), "--insecure_dp_seed", "1", *extra])
+    finally:
+        torch.set_num_threads(threads)  # the script sets 1 for its tiny model
+    printed = capsys.readouterr().out
+    assert "claimed epsilon:" in printed and "empirical epsilon lower bound:" in printed
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["empirical_epsilon_lower_bound"] == result["empirical_epsilon_lower_bound"]
+    assert saved["num_canaries"] == 64 and 0 < saved["num_included"] < 64
+    return result
+
+
+def test_audit_without_privacy_finds_clear_leakage(tmp_path, capsys):
+    result = run_audit(tmp_path, capsys, "--non_private")
+    assert result["claimed_epsilon"] is None
+    assert result["mean_score_included"] > result["mean_score_excluded"] + 1.0
+    assert result["empirical_epsilon_lower_bound"] > 1.5, result["correct_guesses"]  # 64/64 right: 3.04
+
+
+def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
+    result = run_audit(tmp_path, capsys, "--target_epsilon", "4")
+    assert result["claimed_epsilon"] == pytest.approx(4, rel=2e-3)
+    assert result["noise_multiplier"] > 0 and result["clip_norm"] == 1
+    assert result["empirical_epsilon_lower_bound"] <= result["claimed_epsilon"], result["correct_guesses"]

@@ -1,0 +1,29 @@
+"""Smoke test of scripts/benchmark.py: it runs and writes its JSON. Timings are never asserted."""
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cpu_small_writes_all_keys(tmp_path):
+    out = tmp_path / "out.json"
+    assert load_benchmark().main(["--preset", "cpu-small", "--repeats", "1", "--warmup", "1", "--check",
+                                  "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["preset"] == "cpu-small" and result["threads"] >= 1 and result["torch"]
+    for key in ("nonprivate_s", "dp_s", "dp_over_nonprivate", "opacus_hooks_s", "opacus_hooks_over_dp",
+                "opacus_ghost_s"):
+        assert result[key] > 0, key
+    assert set(result["peak_mem_mb"]) == {"nonprivate", "dp", "opacus_hooks", "opacus_ghost"}
+    assert all(v > 0 for v in result["peak_mem_mb"].values())
+    # the peers hand their optimizer the same clipped gradient as ours (float error only)
+    assert all(v < 1e-4 for v in result["check_max_rel_diff"].values()), result["check_max_rel_diff"]

@@ -1,0 +1,48 @@
+"""The README demo (scripts/demo.py) end to end on a tiny model and a tiny PubMed-like data set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from conftest import ROOT, local_sentences
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path):
+    sentences = local_sentences(80)
+    dd = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"text": texts, "pmid": [str(i) for i in range(len(texts))],
+                                           "pub_date": ["2020-01-01"] * len(texts)})
+        for split, texts in (("train", sentences[:64]), ("validation", sentences[64:72]))
+    })
+    dd.save_to_disk(str(tmp_path / "pubmed"))
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--model_name_or_path", tiny_llama,
+         "--dataset_dir", str(tmp_path / "pubmed"), "--output_dir", str(out), "--train_records", "64",
+         "--val_records", "8", "--steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--block_size", "32",
+         "--num_samples", "2", "--max_new_tokens", "8"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # each stage's real command is shown before it runs
+    for script in ("train_clm.py", "inference_generation_dataset.py"):
+        assert f"$ python {script} " in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["train_records"] == 64
+    assert 0 < summary["epsilon"] <= 8 + 1e-6 and summary["delta"] == pytest.approx(1e-5)
+    assert summary["sampling_rate"] == pytest.approx(8 / 64)
+    assert summary["perplexity_base"] > 1 and summary["perplexity_dp"] > 1
+    assert len(summary["samples"]) == 2
+    text = (out / "summary.txt").read_text()
+    assert "epsilon" in text and "perplexity" in text and text.strip() in result.stdout
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the subsets are JSON Lines instruction/answer records with the seed's prompt
+    rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and {r["instruction"] for r in rows} == {"Abstract:"}
