@@ -210,12 +210,13 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="default: build a tiny random Llama in output_dir")
     p.add_argument("--population_file", default=None,
                    help="records always in the training set (JSON / JSON Lines); default: local English sentences")
-    p.add_argument("--num_population", type=int, default=32, help="sentences used without --population_file")
-    p.add_argument("--num_canaries", type=int, default=64, help="m")
+    p.add_argument("--num_population", type=int, default=64, help="sentences used without --population_file")
+    p.add_argument("--num_canaries", type=int, default=256, help="m")
     p.add_argument("--canary_tokens", type=int, default=8, help="random vocabulary tokens per canary")
-    p.add_argument("--num_guesses", type=int, default=None, help="r = k+ + k- (default: m, no abstention)")
+    p.add_argument("--num_guesses", type=int, default=None,
+                   help="r = k+ + k-, the rest abstained on (default: min(m, 100))")
     p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--num_train_epochs", type=float, default=10,
+    p.add_argument("--num_train_epochs", type=float, default=20,
                    help="steps = epochs x (population + m/2) / batch, fixed before the canaries are drawn in")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the training run and of the bound")
     privacy = p.add_mutually_exclusive_group()
@@ -228,7 +229,7 @@ def parse_args(argv=None):
         raise UserInputError(f"--num_canaries {args.num_canaries}: must be at least 2")
     if args.canary_tokens < 1:
         raise UserInputError(f"--canary_tokens {args.canary_tokens}: must be at least 1")
-    args.num_guesses = args.num_canaries if args.num_guesses is None else args.num_guesses
+    args.num_guesses = min(args.num_canaries, 100) if args.num_guesses is None else args.num_guesses
     if not 1 <= args.num_guesses <= args.num_canaries:
         raise UserInputError(f"--num_guesses {args.num_guesses}: must be in [1, --num_canaries {args.num_canaries}]")
     if not 0 < args.confidence < 1:
@@ -276,7 +277,7 @@ def main(argv=None):
     # train with the project's own code; arguments passed on come last and override these defaults
     run_dir = os.path.join(args.output_dir, "run")
     defaults = ["--block_size", "64", "--per_device_train_batch_size", "8",
-                "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
+                "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
     if tiny:
         defaults += ["--lora_target_modules", TINY_TARGETS]
     if args.non_private:

@@ -69,7 +69,7 @@ def run_audit(tmp_path, capsys, *extra):
     assert "claimed epsilon:" in printed and "empirical epsilon lower bound:" in printed
     saved = json.loads((out / "audit.json").read_text())
     assert saved["empirical_epsilon_lower_bound"] == result["empirical_epsilon_lower_bound"]
-    assert saved["num_canaries"] == 64 and 0 < saved["num_included"] < 64
+    assert saved["num_canaries"] == 256 and saved["num_guesses"] == 100 and 0 < saved["num_included"] < 256
     return result
 
 
@@ -77,7 +77,8 @@ def test_audit_without_privacy_finds_clear_leakage(tmp_path, capsys):
     result = run_audit(tmp_path, capsys, "--non_private")
     assert result["claimed_epsilon"] is None
     assert result["mean_score_included"] > result["mean_score_excluded"] + 1.0
-    assert result["empirical_epsilon_lower_bound"] > 1.5, result["correct_guesses"]  # 64/64 right: 3.04
+    # 100 of 100 right gives 3.49; seeds 1-4 measured 99-100 right
+    assert result["empirical_epsilon_lower_bound"] > 2.0, result["correct_guesses"]
 
 
 def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
