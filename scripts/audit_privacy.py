@@ -7,7 +7,7 @@
 1. m canary records (random vocabulary tokens as the answer, an empty instruction) are drawn;
    each joins the training set independently with probability 1/2, beside the population records.
 2. train_clm.main() trains on that set: the audited code is the project's own training code.
-   Every argument this script does not know is passed on to it (they override the defaults below).
+   Every argument this script does not know is passed on to it (overriding this script's defaults).
 3. Each canary's score is its loss drop: loss under the base model (the initial adapter: LoRA B is
    zero, so it is the base model) minus loss under the trained adapter.
 4. The auditor guesses "included" for the k+ highest scores and "excluded" for the k- lowest, and
@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import pydoc
 import random
 import sys
 
@@ -47,6 +46,7 @@ from utils.data_utils import Collator, UserInputError, tokenize_record  # noqa: 
 from utils.dp_utils import per_record_loss  # noqa: E402
 from utils.lora_utils import load_adapter  # noqa: E402
 from utils.model_utils import load_model, load_tokenizer, run_cli  # noqa: E402
+from utils.tiny_models import build_tiny_model, local_sentences  # noqa: E402
 
 TINY_TARGETS = "q_proj,k_proj,v_proj,o_proj,lm_head"  # a random model's output layer must adapt to memorise
 
@@ -132,45 +132,6 @@ def make_canaries(tokenizer, m, length, rng):
     return canaries
 
 
-def local_sentences(limit):
-    """Real English text available offline: sentences of standard-library docstrings."""
-    out, seen = [], set()
-    for name in ["json", "argparse", "collections", "functools", "itertools", "os", "re", "string",
-                 "textwrap", "threading", "logging", "pathlib", "shutil", "subprocess", "random"]:
-        module = __import__(name)
-        for obj in [module] + [getattr(module, a) for a in dir(module) if not a.startswith("_")]:
-            doc = pydoc.getdoc(obj) if callable(obj) or obj is module else ""
-            for part in doc.replace("\n", " ").split(". "):
-                part = " ".join(part.split())
-                if 40 <= len(part) <= 200 and part not in seen:
-                    seen.add(part)
-                    out.append(part)
-    return out[:limit]
-
-
-def build_tiny_model(folder, seed=0):
-    """A random 2-layer Llama (hidden 64) with a 400-token byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(local_sentences(400), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             bos_token_id=0, eos_token_id=1)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 def read_population(path):
     from utils.data_utils import load_records_file
     ds = load_records_file(path)
@@ -187,9 +148,10 @@ def canary_losses(model, tokenizer, canaries, block_size, batch_size=16):
     """Per-canary mean answer-token loss: (with the trained adapter, with the adapter disabled)."""
     rows = [tokenize_record(tokenizer, "", c, block_size) for c in canaries]
     collator = Collator(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
     trained, base = [], []
     for start in range(0, len(rows), batch_size):
-        batch = collator(range(start, min(start + batch_size, len(rows))))
+        batch = {k: v.to(device) for k, v in collator(range(start, min(start + batch_size, len(rows)))).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         trained += per_record_loss(model(**inputs).logits, batch["labels"])[0].tolist()
         with model.disable_adapter():
@@ -205,7 +167,7 @@ def canary_losses(model, tokenizer, canaries, block_size, batch_size=16):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Unknown arguments go to train_clm.py (e.g. --learning_rate 1e-2 --num_train_epochs 20).")
+        epilog="Unknown arguments go to train_clm.py (e.g. --learning_rate 1e-2 --lora_r 32).")
     p.add_argument("--output_dir", required=True, help="canary data, the training run, audit.json")
     p.add_argument("--model_name_or_path", default=None, help="default: build a tiny random Llama in output_dir")
     p.add_argument("--population_file", default=None,
@@ -302,7 +264,8 @@ def main(argv=None):
     block_size = planned.block_size
 
     # score: loss drop of each canary from the base model (= the initial adapter) to the trained adapter
-    model = load_adapter(load_model(model_path), run_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_adapter(load_model(model_path), run_dir).eval().to(device)
     trained, base = canary_losses(model, tokenizer, canaries, block_size)
     scores = [b - t for b, t in zip(base, trained)]
     k_plus, k_minus, correct = guess_and_count(scores, included, args.num_guesses)

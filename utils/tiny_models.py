@@ -1,0 +1,60 @@
+"""Tiny random causal LMs with a tokenizer trained in a second on local text: for tests, the
+privacy audit and CPU benchmarks (no model hub, no network)."""
+
+import pydoc
+
+import torch
+
+
+def local_sentences(limit=400):
+    """Real English text available offline: sentences of standard-library docstrings."""
+    out, seen = [], set()
+    for name in ["json", "argparse", "collections", "functools", "itertools", "os", "re", "string",
+                 "textwrap", "threading", "logging", "pathlib", "shutil", "subprocess", "random"]:
+        module = __import__(name)
+        for obj in [module] + [getattr(module, a) for a in dir(module) if not a.startswith("_")]:
+            doc = pydoc.getdoc(obj) if callable(obj) or obj is module else ""
+            for part in doc.replace("\n", " ").split(". "):
+                part = " ".join(part.split())
+                if 40 <= len(part) <= 200 and part not in seen:
+                    seen.add(part)
+                    out.append(part)
+    return out[:limit]
+
+
+def train_tokenizer(folder, add_bos):
+    """A 400-token byte-level BPE; `add_bos` makes it prepend <s> itself, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(local_sentences(), trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(folder, kind="llama", dtype=torch.float32, seed=0):
+    """A random 2-layer model (hidden 64) saved with its tokenizer into `folder`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(folder, add_bos=(kind == "llama"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "llama":
+            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=0, eos_token_id=1)
+            model = LlamaForCausalLM(config)
+        else:
+            config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            model = GPT2LMHeadModel(config)
+    model.to(dtype).save_pretrained(folder)
+    return folder
