@@ -15,10 +15,12 @@ installed on the model (ours: DPGradient's layer forwards; Opacus: its GradSampl
 removed after it, untimed, so no variant pays for another's hooks.
 
 Peak memory: on GPU, torch.cuda.max_memory_allocated during a step minus what was allocated before
-it. On CPU (no allocator statistics) each variant runs in a fresh subprocess, with every allocation
-over 64 KiB mmap-ed (so freed tensors leave the resident set at once): the peak resident set
-(VmHWM, reset through /proc/self/clear_refs) over its first steps minus the resident set before
-them (model, data and variant built).
+it. On CPU (no allocator statistics; Linux /proc) each variant runs in a fresh subprocess, with
+every allocation over 64 KiB mmap-ed (freed tensors leave the resident set at once): the peak
+resident set (VmHWM, reset through /proc/self/clear_refs) over its first steps minus the resident
+set before them (model, data and variant built), so one-time allocations such as optimizer state
+count. (Measuring in the timing process after the timing was tried: malloc's cached memory made
+the second variant's growth look near zero.)
 """
 
 import argparse
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list; nonprivate and dp always run")
     p.add_argument("--device", help="override the preset's device (e.g. cpu for a tiny gpu-7b --layers 1 run)")
     p.add_argument("--check", action="store_true", help="first check that the DP variants give the same gradient")
-    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no_memory", action="store_true", help="skip the CPU peak-memory measurement")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--memory_child", help=argparse.SUPPRESS)  # internal: measure one variant's memory
     args = p.parse_args(argv)
@@ -314,18 +316,23 @@ def _proc_status_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def memory_child(args):
-    """In a fresh process: peak RSS growth over the first steps of one variant (MiB), as JSON."""
-    model = build_model(args)
-    batch = build_batch(args, model.config.vocab_size)
-    variant = CLASSES[args.memory_child](model, args)
+def rss_peak_growth_mb(variant, batch):
     variant.install()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _proc_status_kb("VmRSS")
     for step in range(MEMORY_STEPS):
         variant.step(batch, step)
-    print(json.dumps({"peak_growth_mb": (_proc_status_kb("VmHWM") - before) / 1024, "rss_before_mb": before / 1024}))
+    peak = _proc_status_kb("VmHWM")
+    variant.remove()
+    return round((peak - before) / 1024, 1)
+
+
+def memory_child(args):
+    """In a fresh process: peak RSS growth over the first steps of one variant (MiB), as JSON."""
+    model = build_model(args)
+    variant = CLASSES[args.memory_child](model, args)
+    print(json.dumps({"peak_growth_mb": rss_peak_growth_mb(variant, build_batch(args, model.config.vocab_size))}))
 
 
 def cpu_memory(args, names, notes, jobs=2):
@@ -342,7 +349,7 @@ def cpu_memory(args, names, notes, jobs=2):
         name = next(iter(running))
         out, err = running.pop(name).communicate()
         try:
-            peaks[name] = round(json.loads(out.strip().splitlines()[-1])["peak_growth_mb"], 1)
+            peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_growth_mb"]
         except (IndexError, ValueError, KeyError):
             notes.append(f"memory of {name} not measured: {(err.strip().splitlines() or ['?'])[-1][:200]}")
     return {name: peaks[name] for name in names if name in peaks}
@@ -383,7 +390,8 @@ def main(argv=None):
     batch = build_batch(args, model.config.vocab_size)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
     check = check_same_gradient(model, batch, args, notes) if args.check else None
-    times, peak_mem = time_variants(make_variants(model, args, notes), batch, args, notes)
+    variants = make_variants(model, args, notes)
+    times, peak_mem = time_variants(variants, batch, args, notes)
     med = {name: statistics.median(t) for name, t in times.items()}
     load = max(load, os.getloadavg()[0])
     if load > 0.5 * (os.cpu_count() or 1) or any(spread_too_wide(t) for t in times.values()):
@@ -394,9 +402,9 @@ def main(argv=None):
     elif args.no_memory:
         peak_mem, mem_method = {}, "not measured (--no_memory)"
     else:
-        del model
+        del model, variants
         peak_mem = cpu_memory(args, list(med), notes)
-        mem_method = (f"peak RSS growth over the first {MEMORY_STEPS} steps, a fresh subprocess per variant "
+        mem_method = (f"peak RSS growth over the first {MEMORY_STEPS} steps in a fresh subprocess per variant "
                       "(VmHWM reset through /proc/self/clear_refs; malloc mmap threshold 64 KiB)")
 
     def ratio(a, b, of=med):
