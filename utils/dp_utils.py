@@ -303,10 +303,8 @@ class DPGradient:
         if self.private and self.noise_multiplier > 0 and _rank() == 0:
             # one draw for the whole job: only process 0 adds noise, before the sum
             gen = self.randomness.generator("noise", step, device=flat.device.type)
-            flat += torch.normal(
-                0.0, self.noise_multiplier * self.clip_norm, flat.shape,
-                generator=gen, device=flat.device, dtype=flat.dtype,
-            )
+            std = self.noise_multiplier * self.clip_norm
+            flat += torch.normal(0.0, std, flat.shape, generator=gen, device=flat.device, dtype=flat.dtype)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.expected_batch_size
