@@ -355,6 +355,29 @@ def cpu_memory(args, names, notes, jobs=2):
     return {name: peaks[name] for name in names if name in peaks}
 
 
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def other_work_share(start, end):
+    """Share of the machine's cores that other processes kept busy between two (machine, own, wall) samples."""
+    if start[0] is None or end[0] is None:
+        return None
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return max(0.0, others / ((end[2] - start[2]) * (os.cpu_count() or 1)))
+
+
 def spread_too_wide(times):
     if len(times) < 4:
         return False
@@ -385,18 +408,20 @@ def main(argv=None):
         memory_child(args)
         return 0
 
-    notes, load = [], os.getloadavg()[0]
+    notes = []
     model = build_model(args)
     batch = build_batch(args, model.config.vocab_size)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
     check = check_same_gradient(model, batch, args, notes) if args.check else None
     variants = make_variants(model, args, notes)
+    before = (busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter())
     times, peak_mem = time_variants(variants, batch, args, notes)
+    others = other_work_share(before, (busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()))
     med = {name: statistics.median(t) for name, t in times.items()}
-    load = max(load, os.getloadavg()[0])
-    if load > 0.5 * (os.cpu_count() or 1) or any(spread_too_wide(t) for t in times.values()):
-        notes.append(f"machine busy (load average {load:.1f} on {os.cpu_count()} cores, or step times spread over "
-                     "1.5x between quartiles): medians are unreliable; compare min_s, or rerun on an idle machine")
+    if (others or 0) > 0.1 or any(spread_too_wide(t) for t in times.values()):
+        notes.append(f"machine busy (other processes used {100 * (others or 0):.0f}% of the {os.cpu_count()} cores "
+                     "while timing, or step times spread over 1.5x between quartiles): medians are unreliable; "
+                     "compare min_s, or rerun on an idle machine")
     if peak_mem is not None:
         mem_method = "CUDA max_memory_allocated during a step minus allocated before it (max over rounds)"
     elif args.no_memory:
@@ -423,7 +448,7 @@ def main(argv=None):
         "min_s": mins, "dp_over_nonprivate_min": ratio("dp", "nonprivate", mins),
         "peak_mem_mb": peak_mem, "peak_mem_method": mem_method,
         "dp_peak_mem_over_nonprivate": ratio("dp", "nonprivate", peak_mem) if peak_mem.get("nonprivate") else None,
-        "check_max_rel_diff": check, "load_average": round(load, 2),
+        "check_max_rel_diff": check, "other_work_cpu_share": None if others is None else round(others, 3),
         "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()}, "notes": notes,
     }
     print_table(result, med)
@@ -431,6 +456,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def other_work(r):
+    share = r["other_work_cpu_share"]
+    return "an unknown share" if share is None else f"{100 * share:.0f}%"
 
 
 def print_table(r, med):
@@ -444,7 +474,7 @@ def print_table(r, med):
               f"{(f'{mem:.1f}' if mem is not None else '-'):>10}")
     print(f"dp / nonprivate {r['dp_over_nonprivate']:.3f} (median of per-round ratios "
           f"{r['dp_over_nonprivate_paired']:.3f}, ratio of minima {r['dp_over_nonprivate_min']:.3f}); "
-          f"load average {r['load_average']}")
+          f"other processes used {other_work(r)} of the CPU while timing")
     print(f"memory: {r['peak_mem_method']}")
     if r["check_max_rel_diff"] is not None:
         print("same gradient as ours (max rel. difference, no noise): "
