@@ -1,14 +1,15 @@
 """Demo: DP LoRA fine-tuning of a real small LLM on real PubMed abstracts, on a CPU, offline.
 
-    python scripts/demo.py                        # about 6-7 minutes on 2 CPU cores
-    python scripts/demo.py --compare_nonprivate   # also non-private LoRA, same data and steps
+    python scripts/demo.py                        # about 6 minutes on 2 CPU cores
+    python scripts/demo.py --compare_nonprivate   # also non-private LoRA, same data and steps (+4 minutes)
 
 Every stage is a real command of this repository, printed before it runs:
 
   1. build data/pubmed_dataset and models/SmolLM2-135M-Instruct if absent
      (scripts/prepare_pubmed.py, scripts/prepare_model.py);
-  2. write a training subset and a validation subset (JSON Lines, prompt "Abstract:") into
-     --output_dir (git-ignored outputs/demo by default: PubMed text is never committed);
+  2. write the training set (default: the whole train split) and a validation subset (JSON Lines,
+     prompt "Abstract:") into --output_dir (git-ignored outputs/demo by default: PubMed text is
+     never committed);
   3. validation perplexity of the base model: train_clm.py --max_train_steps 0 (LoRA B starts at
      zero, so the initial adapter is the base model);
   4. DP LoRA training at --target_epsilon (train_clm.py), which evaluates the same validation subset;
@@ -44,16 +45,17 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "outputs", "demo"))
     p.add_argument("--target_epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1 / (10 x train_records))")
-    p.add_argument("--train_records", type=int, default=5000,
-                   help="training subset size N (the privacy unit is one abstract; q = batch_size / N)")
-    p.add_argument("--val_records", type=int, default=64, help="validation subset for perplexity")
-    p.add_argument("--steps", type=int, default=14, help="DP-SGD steps (logical batches)")
-    p.add_argument("--batch_size", type=int, default=32, help="expected logical batch size B (Poisson sampling)")
-    p.add_argument("--micro_batch_size", type=int, default=8, help="records per forward/backward pass")
-    p.add_argument("--block_size", type=int, default=128, help="tokens per abstract (longer ones are truncated)")
+    p.add_argument("--train_records", type=int, default=None,
+                   help="training set size N, default: the whole train split (the privacy unit is one abstract; "
+                        "q = batch_size / N)")
+    p.add_argument("--val_records", type=int, default=256, help="validation subset for perplexity")
+    p.add_argument("--steps", type=int, default=7, help="DP-SGD steps (logical batches)")
+    p.add_argument("--batch_size", type=int, default=128, help="expected logical batch size B (Poisson sampling)")
+    p.add_argument("--micro_batch_size", type=int, default=16, help="records per forward/backward pass")
+    p.add_argument("--block_size", type=int, default=64, help="tokens per abstract (longer ones are truncated)")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
-    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--learning_rate", type=float, default=5e-3)
     p.add_argument("--clip_norm", type=float, default=1.0)
     p.add_argument("--compare_nonprivate", action="store_true",
                    help="also train non-private LoRA with the same data and steps (adds the training time again)")
@@ -66,10 +68,8 @@ def parse_args(argv=None):
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size}")
     for name in ("train_records", "val_records", "steps", "num_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.delta is None:
-        args.delta = min(1e-5, 1 / (10 * args.train_records))
     return args
 
 
@@ -115,7 +115,7 @@ def read_json(path):
 
 
 def write_subsets(dataset_dir, folder, train_records, val_records, seed):
-    """The first N of a seeded shuffle of the train split, the first M of the validation split's."""
+    """The first N (default: all) of a seeded shuffle of the train split, the first M of the validation split's."""
     import datasets
 
     dd = datasets.load_from_disk(dataset_dir)
@@ -124,6 +124,7 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
     for split, count in (("train", train_records), ("validation", val_records)):
         if split not in dd:
             sys.exit(f"demo: {dataset_dir} has no '{split}' split")
+        count = len(dd[split]) if count is None else count
         if len(dd[split]) < count:
             sys.exit(f"demo: --{'train' if split == 'train' else 'val'}_records {count}: "
                      f"the {split} split has only {len(dd[split])} records")
@@ -171,7 +172,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
 
     from utils.accounting import compute_epsilon
 
-    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.8))
     steps = [r["step"] for r in dp_log]
     ax_loss.plot(steps, [r["train_loss"] for r in dp_log], "o-", color="C0", ms=3,
                  label=f"DP LoRA, training batch (eps {report['epsilon']:.2g})")
@@ -185,7 +186,8 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.set_title("Training loss")
-    ax_loss.legend(fontsize=8)
+    # below the axes: inside, it would hide the validation markers at the last step
+    ax_loss.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax_loss.grid(alpha=0.3)
 
     sigma, q, delta = report["noise_multiplier"], report["sampling_rate"], report["delta"]
@@ -197,7 +199,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     ax_eps.set_xlabel("step")
     ax_eps.set_ylabel("epsilon")
     ax_eps.set_title(f"Privacy spent (sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
-    ax_eps.legend(fontsize=8)
+    ax_eps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax_eps.grid(alpha=0.3)
     for ax in (ax_loss, ax_eps):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -250,8 +252,13 @@ def main(argv=None):
 
     # 2. subsets
     t = time.time()
-    print(f"\n=== subsets: {args.train_records} training and {args.val_records} validation abstracts", flush=True)
+    print(f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts",
+          flush=True)
     paths = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed)
+    with open(paths["train"]) as f:
+        args.train_records = sum(1 for _ in f)
+    if args.delta is None:
+        args.delta = min(1e-5, 1 / (10 * args.train_records))
     stages.add("subsets", time.time() - t)
     runs = {name: os.path.join(out, name) for name in ("base", "dp", "nonprivate", "samples")}
     for folder in runs.values():  # this demo's own outputs of an earlier run

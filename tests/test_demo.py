@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
            "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--model_name_or_path", tiny_llama,
-         "--dataset_dir", str(tmp_path / "pubmed"), "--output_dir", str(out), "--train_records", "64",
+         "--dataset_dir", str(tmp_path / "pubmed"), "--output_dir", str(out),
          "--val_records", "8", "--steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--block_size", "32",
          "--num_samples", "2", "--max_new_tokens", "8"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -35,7 +35,7 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
     for script in ("train_clm.py", "inference_generation_dataset.py"):
         assert f"$ python {script} " in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["train_records"] == 64
+    assert summary["steps"] == 2 and summary["train_records"] == 64  # the whole train split by default
     assert 0 < summary["epsilon"] <= 8 + 1e-6 and summary["delta"] == pytest.approx(1e-5)
     assert summary["sampling_rate"] == pytest.approx(8 / 64)
     assert summary["perplexity_base"] > 1 and summary["perplexity_dp"] > 1
