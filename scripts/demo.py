@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=64, help="tokens per abstract (longer ones are truncated)")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
-    p.add_argument("--learning_rate", type=float, default=5e-3)
+    p.add_argument("--learning_rate", type=float, default=1e-2)
     p.add_argument("--clip_norm", type=float, default=1.0)
     p.add_argument("--compare_nonprivate", action="store_true",
                    help="also train non-private LoRA with the same data and steps (adds the training time again)")
