@@ -1,6 +1,6 @@
 """Demo: DP LoRA fine-tuning of a real small LLM on real PubMed abstracts, on a CPU, offline.
 
-    python scripts/demo.py                        # about 6 minutes on 2 CPU cores
+    python scripts/demo.py                        # about 7 minutes on 2 CPU cores
     python scripts/demo.py --compare_nonprivate   # also non-private LoRA, same data and steps (+4 minutes)
 
 Every stage is a real command of this repository, printed before it runs:
@@ -115,12 +115,14 @@ def read_json(path):
 
 
 def write_subsets(dataset_dir, folder, train_records, val_records, seed):
-    """The first N (default: all) of a seeded shuffle of the train split, the first M of the validation split's."""
+    """The first N (default: all) of a seeded shuffle of the train split, the first M of the validation split's.
+
+    Returns the two files' paths and the number of training records."""
     import datasets
 
     dd = datasets.load_from_disk(dataset_dir)
     os.makedirs(folder, exist_ok=True)
-    paths = {}
+    paths, counts = {}, {}
     for split, count in (("train", train_records), ("validation", val_records)):
         if split not in dd:
             sys.exit(f"demo: {dataset_dir} has no '{split}' split")
@@ -136,7 +138,8 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
             for text in texts:
                 f.write(json.dumps({"instruction": PROMPT, "answer": text}, ensure_ascii=False) + "\n")
         print(f"wrote {count} {split} records to {_short(paths[split])}")
-    return paths
+        counts[split] = count
+    return paths, counts["train"]
 
 
 def train_command(args, model, paths, out, private, steps):
@@ -254,9 +257,8 @@ def main(argv=None):
     t = time.time()
     print(f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts",
           flush=True)
-    paths = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed)
-    with open(paths["train"]) as f:
-        args.train_records = sum(1 for _ in f)
+    paths, args.train_records = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records,
+                                              args.val_records, args.seed)
     if args.delta is None:
         args.delta = min(1e-5, 1 / (10 * args.train_records))
     stages.add("subsets", time.time() - t)
