@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,13 +63,37 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, text_records
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
 
 
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
 def test_resume_refuses_a_checkpoint_of_a_different_run(tiny_llama, text_records, tmp_path):
     data = write_records(tmp_path / "d.json", text_records[:64])
     out = tmp_path / "run"
     train_clm.main(args_for(tiny_llama, data, out))
     other = write_records(tmp_path / "other.json", text_records[:40])
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    copied = tmp_path / "unfinished" / "checkpoints" / "step_3"  # outside the finished run's folder
+    shutil.copytree(out / "checkpoints" / "step_3", copied)
+    reset_accelerate()
     with pytest.raises(Exception, match="different run|dataset_size"):
-        train_clm.main(args_for(tiny_llama, other, out, "--resume_from_checkpoint", str(out / "checkpoints" / "step_3")))
+        train_clm.main(args_for(tiny_llama, other, tmp_path / "unfinished", "--resume_from_checkpoint", str(copied)))
+
+
+def test_a_finished_run_is_final(tiny_llama, text_records, tmp_path):
+    """Resuming a finished run would release a second adapter under the same reported epsilon."""
+    data = write_records(tmp_path / "d.json", text_records[:64])
+    out = tmp_path / "run"
+    train_clm.main(args_for(tiny_llama, data, out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}
+    for resume in ["latest", str(out / "checkpoints" / "step_21")]:
+        for output_dir in [out, tmp_path / "elsewhere"] if resume != "latest" else [out]:
+            reset_accelerate()
+            result = subprocess.run([sys.executable, os.path.join(ROOT, "train_clm.py"),
+                                     *args_for(tiny_llama, data, output_dir, "--resume_from_checkpoint", resume)],
+                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert result.returncode == 2, result.stderr
+            assert "finished run" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    after = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}
+    assert after == before

@@ -1,13 +1,25 @@
 """Epsilon for DP-SGD with Poisson sampling (DESIGN.md section 2, item 6): each step is a
 Poisson-subsampled Gaussian (rate q, noise sigma * C), composed with the privacy loss
 distribution (PLD) accountant of Google's maintained `dp_accounting`. Its rounding is
-pessimistic, so every figure here is an upper bound on the true epsilon, never an estimate."""
+pessimistic, so every figure here is an upper bound on the true epsilon, never an estimate.
+
+Two neighbouring relations (DESIGN.md 2.11): "add_remove" (one record added or removed, the
+figure every peer reports) and "replace_one" (one record replaced by another, the consistent one
+when the data set size N is published, as privacy_report.json does); the same run has a larger
+replace-one epsilon."""
+import contextlib
+import logging
 import math
 import operator
 from functools import lru_cache
 
 import dp_accounting
 from dp_accounting import pld, rdp
+
+NEIGHBORING_RELATIONS = {
+    "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
 
 ACCOUNTANT_NAME = "dp_accounting.pld (Poisson-subsampled Gaussian, pessimistic PLD)"
 
@@ -43,8 +55,8 @@ def _discretization(sigma, q):
 
 
 @lru_cache(maxsize=4096)
-def _pld_epsilon(sigma, q, steps, delta):
-    accountant = pld.PLDAccountant(value_discretization_interval=_discretization(sigma, q))
+def _pld_epsilon(sigma, q, steps, delta, relation="add_remove"):
+    accountant = pld.PLDAccountant(NEIGHBORING_RELATIONS[relation], value_discretization_interval=_discretization(sigma, q))
     accountant.compose(_event(sigma, q, steps))
     return float(accountant.get_epsilon(delta))
 
@@ -60,24 +72,60 @@ def _rdp_epsilon(sigma, q, steps, delta, orders=None):
     return float(accountant.get_epsilon(delta))
 
 
-def _epsilon(exact, noise_multiplier, sampling_rate, steps, delta):
+def _epsilon(exact, noise_multiplier, sampling_rate, steps, delta, *extra):
     sigma, q, steps, delta = _check(noise_multiplier, sampling_rate, steps, delta)
     if steps == 0 or q == 0:
         return 0.0
     if sigma == 0:
         return math.inf
-    return exact(sigma, q, steps, delta)
+    return exact(sigma, q, steps, delta, *extra)
 
 
-def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+def _check_relation(relation):
+    if relation not in NEIGHBORING_RELATIONS:
+        raise ValueError(f"unknown neighbouring relation {relation!r} (known: {', '.join(NEIGHBORING_RELATIONS)})")
+    return relation
+
+
+def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                    relation: str = "add_remove") -> float:
     """Epsilon (PLD, an upper bound tight to ~1e-4 relative) after `steps` Poisson-subsampled
     Gaussian steps. steps == 0 -> 0.0; noise_multiplier == 0 -> inf; sampling_rate 1 allowed."""
-    return _epsilon(_pld_epsilon, noise_multiplier, sampling_rate, steps, delta)
+    return _epsilon(_pld_epsilon, noise_multiplier, sampling_rate, steps, delta, _check_relation(relation))
 
 
 def compute_epsilon_rdp(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
-    """The same with the RDP accountant: looser (larger), kept for reference and comparison."""
-    return _epsilon(_rdp_epsilon, noise_multiplier, sampling_rate, steps, delta)
+    """The same with the RDP accountant (add/remove only): looser (larger), kept for comparison."""
+    with _quiet_absl():
+        return _epsilon(_rdp_epsilon, noise_multiplier, sampling_rate, steps, delta)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp_accounting logs a warning for each fractional RDP order whose series fails to converge
+    (small sigma, large q) and then leaves that order out, which can only loosen the bound: the
+    result stays an upper bound, so the warning is noise on every run's console."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def effective_noise_multiplier(noise_multiplier: float, loss_noise_multiplier=None) -> float:
+    """The noise multiplier of the gradient sum and the loss sum released together.
+
+    Both are sums over the same Poisson sample with one Gaussian draw each (sensitivities C and L,
+    noise sigma*C and sigma_loss*L); scaled to unit sensitivity they form one Gaussian mechanism of
+    sensitivity sqrt(sigma^-2 + sigma_loss^-2) in units of noise, i.e. noise multiplier
+    (sigma^-2 + sigma_loss^-2)^(-1/2). None: no loss is released, the gradient's sigma alone."""
+    if loss_noise_multiplier is None:
+        return noise_multiplier
+    if noise_multiplier == 0 or loss_noise_multiplier == 0:
+        return 0.0
+    return (noise_multiplier ** -2 + loss_noise_multiplier ** -2) ** -0.5
 
 
 def _solve(eps, target, hi):
@@ -105,18 +153,21 @@ def _solve(eps, target, hi):
     return None
 
 
-def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float) -> float:
+def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
+                                 relation: str = "add_remove") -> float:
     """Smallest sigma (to 0.1%) whose PLD epsilon over `steps` steps is <= target_epsilon: the
     returned sigma has compute_epsilon in [0.999 * target, target]. Deterministic."""
     _, q, steps, delta = _check(1.0, sampling_rate, steps, delta)
+    _check_relation(relation)
     if not target_epsilon > 0:
         raise ValueError(f"--target_epsilon must be positive, got {target_epsilon}")
     if steps == 0 or q == 0:
         raise ValueError("--target_epsilon needs at least one planned step with a positive sampling rate")
     target = float(target_epsilon)
-    pld_eps = lambda sigma: _pld_epsilon(sigma, q, steps, delta)  # noqa: E731
+    pld_eps = lambda sigma: _pld_epsilon(sigma, q, steps, delta, relation)  # noqa: E731
     rdp_eps = lambda sigma: _rdp_epsilon(sigma, q, steps, delta, _BRACKET_ORDERS)  # noqa: E731
-    if rdp_eps(_SIGMA_MAX) > target and pld_eps(_SIGMA_MAX) > target:
+    rdp_bound_applies = relation == "add_remove"  # RDP bounds the add/remove PLD from above
+    if (not rdp_bound_applies or rdp_eps(_SIGMA_MAX) > target) and pld_eps(_SIGMA_MAX) > target:
         raise ValueError(f"--target_epsilon {target:g} is unreachable: it would need a noise multiplier "
                          f"above {_SIGMA_MAX:g} for {steps} steps at sampling rate {q:g}")
     if rdp_eps(_SIGMA_MIN) <= target:  # RDP is an upper bound, so PLD agrees
@@ -128,6 +179,10 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
     for _ in range(12):
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if rdp_eps(mid) <= target else (mid, hi)
+    # dp_accounting's RDP has no replace-one Poisson event. Replace-one epsilon is at least the
+    # add/remove one, so `lo` still bounds sigma from below; widen `hi` under PLD until it suffices.
+    while relation != "add_remove" and hi < _SIGMA_MAX and pld_eps(hi) > target:
+        hi = min(2 * hi, _SIGMA_MAX)
     sigma = _solve(pld_eps, target, hi)
     if sigma is None:
         raise ValueError(f"--target_epsilon {target:g} could not be calibrated for {steps} steps at "
@@ -145,22 +200,27 @@ def check_delta(delta: float, dataset_size: int) -> None:
 
 
 class PrivacyAccountant:
-    """Epsilon of one training run: fixed (sigma, q, delta), a step counter, cached epsilons."""
+    """Epsilon of one training run: fixed (sigma, q, delta), a step counter, cached epsilons.
 
-    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float):
+    `relation` is the neighbouring relation of `epsilon()` by default (the one the budget guard
+    uses); the other relation's figure is one argument away."""
+
+    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float, relation: str = "add_remove"):
         self.noise_multiplier, self.sampling_rate, _, self.delta = _check(noise_multiplier, sampling_rate, 0, delta)
+        self.relation = _check_relation(relation)
         self.steps = 0  # set it directly to resume
         self._cache = {}
 
     def step(self) -> None:
         self.steps += 1
 
-    def epsilon(self, steps=None) -> float:
+    def epsilon(self, steps=None, relation=None) -> float:
         """Epsilon after `steps` steps (default: those taken so far); each count computed once."""
         steps = self.steps if steps is None else steps
-        key = (self.noise_multiplier, self.sampling_rate, self.delta, steps)  # all of it: attributes are plain
+        relation = relation or self.relation
+        key = (self.noise_multiplier, self.sampling_rate, self.delta, steps, relation)  # all of it: attributes are plain
         if key not in self._cache:
-            self._cache[key] = compute_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta)
+            self._cache[key] = compute_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta, relation)
         return self._cache[key]
 
     def steps_within(self, target_epsilon: float, planned: int) -> int:

@@ -51,6 +51,23 @@ class TrainingState:
         self.step = int(state["step"])
 
 
+FINISHED_MARK = "privacy_report.json"  # written only when a run has finished and published its outputs
+
+
+def run_folder(checkpoint):
+    """The output folder a checkpoint (output_dir/checkpoints/step_N) belongs to."""
+    return os.path.dirname(os.path.dirname(os.path.normpath(checkpoint)))
+
+
+def refuse_finished_run(output_dir):
+    """A finished run is final: resuming it would train a second adapter on the same data with fresh
+    noise, two releases under one reported epsilon."""
+    if os.path.exists(os.path.join(output_dir, FINISHED_MARK)):
+        raise ValueError(f"{output_dir}: holds a finished run ({FINISHED_MARK}); a finished run cannot be resumed, "
+                         "since a second adapter from the same data would not be covered by its epsilon. "
+                         "Start a new run in a new --output_dir")
+
+
 def checkpoint_root(output_dir):
     return os.path.join(output_dir, CHECKPOINT_DIR)
 

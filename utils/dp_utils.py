@@ -5,7 +5,9 @@ Privacy rules implemented here (DESIGN.md section 2):
   * clip jointly over all trainable parameters: g_i * min(1, C / ||g_i||);
   * S = sum of clipped g_i over micro-batches and processes, one all-reduce per logical step;
   * Z ~ N(0, sigma^2 C^2 I) drawn once per logical step (by process 0 only, before the sum);
-  * the optimizer sees (S + Z) / B with B the expected logical batch size.
+  * the optimizer sees (S + Z) / B with B the expected logical batch size;
+  * a non-finite per-example gradient contributes zero (its count stays on the console);
+  * the training loss leaves the process only as a DP estimate on the same sample.
 
 Per-example gradients are captured by a hook on each trainable linear layer: the layer's forward
 runs through an autograd function that saves its input, and whose backward computes the
@@ -19,9 +21,12 @@ record), so the joint norms are one reduction and the clipped sum one matrix-vec
 whatever the number of layers; the buffer is dropped as soon as the micro-batch is clipped.
 """
 
+import dataclasses
 import functools
 import hashlib
 import math
+import os
+import re
 import secrets
 import warnings
 
@@ -29,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.data_utils import UserInputError
 
 # ----------------------------------------------------------------------------------------------
 # Per-example gradients, one small function per layer type (registered in PER_EXAMPLE_FORWARDS)
@@ -91,14 +98,15 @@ class _PerExampleLinear(torch.autograd.Function):
         return grad_x, None, None
 
 
-def _per_example_linear_forward(module, store):
+def _per_example_linear_forward(module, store, name):
     def forward(x):
+        store.check_input(name, x)
         return _PerExampleLinear.apply(x, module.weight, store)
 
     return forward
 
 
-# layer type -> function(module, store) returning the replacement forward
+# layer type -> function(module, store, name) returning the replacement forward
 PER_EXAMPLE_FORWARDS = {nn.Linear: _per_example_linear_forward}
 
 
@@ -118,6 +126,19 @@ class PerExampleGradStore:
         self.size = sum(numel for _, numel, _ in layout.values())
         self.buffer = None
         self.filled = set()
+        self.records = None  # records in the current micro-batch (DPGradient's hook on the model)
+
+    def check_input(self, name, x):
+        """DESIGN.md 2.12: the rules sum over every dimension but the first, which must therefore be
+        the records. A layer on flattened [records x tokens, hidden] input (an MoE shared expert,
+        router or expert) would be clipped per token, so it stops the run instead."""
+        if self.records is None:
+            raise RuntimeError(f"{name}: record count unknown (call the model given to DPGradient with input_ids)")
+        if x.dim() < 3 or x.shape[0] != self.records:
+            raise UserInputError(
+                f"LoRA layer {name} sees input of shape {list(x.shape)}, not [{self.records} records, tokens, "
+                "features]: its gradients would be clipped per token, not per record (an MoE expert, router or "
+                "shared expert runs on flattened tokens); leave it out of --lora_target_modules")
 
     def view(self, flat, param, compute_layout=False):
         """param's slice of a [P] or [n, P] tensor, shaped like the parameter (or its compute layout)."""
@@ -146,14 +167,6 @@ class PerExampleGradStore:
         else:  # the parameter is used twice in this micro-batch: sum its contributions
             self.view(self.buffer, param).add_(linear_per_example_grad(x, grad_output))
 
-    def add(self, param, grad):
-        """Generic entry for other layer types: grad is [n, *param.shape]."""
-        slot = self._slot(param, grad.shape[0])
-        if slot is not None:
-            self.view(self.buffer, param).copy_(grad)
-        else:
-            self.view(self.buffer, param).add_(grad)
-
     @property
     def grads(self):
         return {p: self.view(self.buffer, p) for p in self.layout if p in self.filled}
@@ -163,17 +176,28 @@ class PerExampleGradStore:
         self.filled = set()
 
 
+def _layer_name(name):
+    """'base_model.model.model.layers.0.mlp.up_proj.lora_A.default' -> 'model.layers.0.mlp.up_proj'."""
+    name = re.sub(r"\.(lora_[A-Za-z_]+)(\.default)?$", "", name)
+    return name.removeprefix("base_model.model.")
+
+
 def trainable_modules(model):
-    """Modules owning trainable parameters; each must be a type with a per-example rule."""
+    """(name, module) of the modules owning trainable parameters; each must have a per-example rule."""
     modules = []
-    for name, module in model.named_modules():
+    by_name = dict(model.named_modules())
+    for name, module in by_name.items():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         has_trainable_bias = getattr(module, "bias", None) is not None and module.bias.requires_grad
         if type(module) not in PER_EXAMPLE_FORWARDS or has_trainable_bias:
-            raise TypeError(f"no per-example gradient rule for trainable layer {name} ({type(module).__name__})")
-        modules.append(module)
+            # e.g. LoRA on an embedding (its A and B live in ParameterDicts): name the adapted layer
+            owner = by_name.get(re.sub(r"\.lora_[A-Za-z_]+$", "", name))
+            kind = type(getattr(owner, "base_layer", module)).__name__ + (" with a trainable bias" if has_trainable_bias else "")
+            raise UserInputError(f"no per-example gradient rule for the trainable layer {_layer_name(name)} ({kind}): "
+                                 "DP training adapts linear layers only; leave it out of --lora_target_modules")
+        modules.append((_layer_name(name), module))
     return modules
 
 
@@ -226,13 +250,21 @@ class DPGradient:
     """Turns micro-batch backward passes into the DP (or non-private) gradient of one logical step.
 
     Usage per logical step: for each micro-batch, backward the *sum* of per-record losses (each
-    record normalised by its own label-token count), then call `accumulate_micro_batch()`; finally
-    `finish_step(step)` writes (S + Z) / B into `param.grad`.
+    record normalised by its own label-token count), then call `accumulate_micro_batch(losses)`;
+    finally `finish_step(step)` writes (S + Z) / B into `param.grad` and returns the step's
+    `StepStats`.
+
+    With `loss_clip` L set, the step also releases a private training loss: each record's loss
+    clipped to [0, L] (non-finite: L), summed over the same sample, plus one draw of
+    N(0, (loss_noise_multiplier * L)^2), divided by B. The accountant composes the pair (DESIGN.md
+    2.10; accounting.effective_noise_multiplier). `accountant.step()` is called by `finish_step`
+    itself, once per released gradient, so no training loop can forget a step.
 
     clip_norm < 0 and noise_multiplier < 0: non-private; plain autograd, no per-example work.
     """
 
-    def __init__(self, model, clip_norm, noise_multiplier, expected_batch_size, randomness=None):
+    def __init__(self, model, clip_norm, noise_multiplier, expected_batch_size, randomness=None, *,
+                 loss_clip=None, loss_noise_multiplier=0.0, secure_noise=False, accountant=None):
         self.private = clip_norm > 0
         if noise_multiplier > 0 and not self.private:
             raise ValueError("--noise_multiplier > 0 needs --clip_norm > 0 (noise is scaled by the clip norm)")
@@ -242,6 +274,10 @@ class DPGradient:
         self.noise_multiplier = max(float(noise_multiplier), 0.0)
         self.expected_batch_size = expected_batch_size
         self.randomness = randomness
+        self.loss_clip = loss_clip
+        self.loss_noise_multiplier = float(loss_noise_multiplier or 0.0)
+        self.secure_noise = secure_noise
+        self.accountant = accountant
         self.params = [p for p in model.parameters() if p.requires_grad]
         layout, offset = {}, 0
         for p in self.params:
@@ -253,6 +289,7 @@ class DPGradient:
         self.store = PerExampleGradStore(layout, self._dtype)
         self._device = self.params[0].device if self.params else torch.device("cpu")
         self.summed = self._new_sum()  # the step's sum of clipped gradients, flat [P]
+        self.stats = self._new_stats()
         self._saved_forwards = []
         self.last_norms = None
         if self.private:
@@ -261,21 +298,77 @@ class DPGradient:
     def _new_sum(self):
         return torch.zeros(self.store.size, dtype=self._dtype, device=self._device)
 
+    def _new_stats(self):
+        # [clipped loss sum (released with noise), exact loss sum, records, non-finite gradients]
+        return torch.zeros(4, dtype=torch.float64, device=self._device)
+
     def _attach(self, model):
-        for module in trainable_modules(model):
-            module.forward = PER_EXAMPLE_FORWARDS[type(module)](module, self.store)
+        named = trainable_modules(model)
+        for name, module in named:
+            module.forward = PER_EXAMPLE_FORWARDS[type(module)](module, self.store, name)
             self._saved_forwards.append(module)
+        # every forward of the model tells the store how many records the micro-batch has; a
+        # checkpointed layer recomputed in backward still sees its own micro-batch's count
+        self._records_hook = model.register_forward_pre_hook(self._count_records, with_kwargs=True)
+        try:
+            self._check_record_layout(model, named)
+        except Exception:
+            self.detach()  # leave the model as it was
+            raise
+
+    def _count_records(self, module, args, kwargs):
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        self.store.records = None if inputs is None else inputs.shape[0]
+
+    @torch.no_grad()
+    def _check_record_layout(self, model, named, records=3, tokens=5):
+        """Before any private data is read: a forward on dummy records, twice, the last record
+        changed the second time. Every adapted layer must see [records, ...] input (check_input)
+        whose other rows do not change: its first dimension really is the record, not tokens
+        (flattened MoE input) nor a [tokens, records, ...] layout that happens to match in size."""
+        inputs = {name: [] for name, _ in named}
+        hooks = [m.register_forward_pre_hook(lambda m, args, seen=inputs[name]: seen.append(args[0].clone()))
+                 for name, m in named]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()  # no dropout: the two passes differ only in the last record
+        try:
+            vocab = model.get_input_embeddings().num_embeddings
+            ids = torch.arange(records * tokens, device=self._device).view(records, tokens) % vocab
+            for changed in (ids, torch.cat([ids[:-1], (ids[-1:] + 7) % vocab])):
+                model(input_ids=changed, attention_mask=torch.ones_like(changed))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for m, training in modes.items():
+                m.training = training
+            self.store.records = None
+        for name, seen in inputs.items():
+            calls = len(seen) // 2  # a layer may run several times per forward
+            for first, second in zip(seen[:calls], seen[calls:]):
+                if not torch.allclose(first[:-1], second[:-1], rtol=1e-3, atol=1e-3 * float(first.abs().max())):
+                    raise UserInputError(f"LoRA layer {name}: one record's input depends on another record, so "
+                                         "its per-example gradient would not be the record's own; leave it out of "
+                                         "--lora_target_modules")
 
     def detach(self):
         """Restore the layers' own forward (e.g. before saving or generating)."""
         for module in self._saved_forwards:
             del module.forward
         self._saved_forwards = []
+        if getattr(self, "_records_hook", None) is not None:
+            self._records_hook.remove()
+            self._records_hook = None
 
     # -- per micro-batch ----------------------------------------------------------------------
 
-    def accumulate_micro_batch(self):
-        """Clip this micro-batch's per-example gradients and add them to the step's sum."""
+    def accumulate_micro_batch(self, losses=None, counts=None):
+        """Clip this micro-batch's per-example gradients and add them to the step's sum.
+
+        losses, counts: the records' losses and label-token counts (per_record_loss); records
+        without label tokens are masked dummies and count for nothing."""
+        if losses is not None:
+            self._add_losses(losses.detach(), counts)
         if not self.private:
             for p in self.params:
                 if p.grad is not None:
@@ -290,34 +383,98 @@ class DPGradient:
             raise RuntimeError("some trainable parameters got no per-example gradient in this micro-batch")
         per_example = store.buffer  # [n, P]: one record per row
         norms = torch.linalg.vector_norm(per_example, dim=1)  # the joint norm over all parameters
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            # a non-finite row (e.g. fp16 overflow) would turn the whole sum into NaN and reveal
+            # that its record was sampled: it contributes zero instead, which keeps sensitivity C
+            per_example.masked_fill_(~finite.unsqueeze(1), 0.0)
+            norms = norms.masked_fill(~finite, 0.0)
+            self.stats[3] += (~finite).sum()
         scale = (self.clip_norm / (norms + 1e-6)).clamp_(max=1.0)
         self.summed.addmv_(per_example.t(), scale)  # sum_i scale_i g_i, one matrix-vector product
         self.last_norms = norms
         store.clear()  # per-example gradients are not kept past this point
 
+    def _add_losses(self, losses, counts):
+        losses = losses.to(self.stats.device, torch.float64)
+        real = (counts > 0).to(self.stats.device) if counts is not None else torch.ones_like(losses, dtype=torch.bool)
+        if self.loss_clip is not None:
+            bounded = torch.nan_to_num(losses, nan=self.loss_clip, posinf=self.loss_clip).clamp(0.0, self.loss_clip)
+            self.stats[0] += bounded.sum()
+        self.stats[1] += torch.where(torch.isfinite(losses) & real, losses, 0.0).sum()
+        self.stats[2] += real.sum()
+
     # -- per logical step ---------------------------------------------------------------------
 
     def finish_step(self, step):
-        """Sum over processes, add one noise draw, divide by B, write into param.grad."""
+        """Sum over processes, add one noise draw, divide by B, write into param.grad; returns the
+        step's StepStats (its `released_loss` is private; every other field is console-only)."""
         flat, self.summed = self.summed, self._new_sum()  # param.grad will be views of `flat`
-        if self.private and self.noise_multiplier > 0 and _rank() == 0:
+        stats, self.stats = self.stats, self._new_stats()
+        if self.private and _rank() == 0:
             # one draw for the whole job: only process 0 adds noise, before the sum
-            gen = self.randomness.generator("noise", step, device=flat.device.type)
-            std = self.noise_multiplier * self.clip_norm
-            flat += torch.normal(0.0, std, flat.shape, generator=gen, device=flat.device, dtype=flat.dtype)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.noise_multiplier > 0:
+                flat += self._noise(flat.shape, self.noise_multiplier * self.clip_norm, "noise", step, flat)
+            if self.loss_clip is not None and self.loss_noise_multiplier > 0:
+                stats[:1] += self._noise((1,), self.loss_noise_multiplier * self.loss_clip, "loss_noise", step, stats)
+        if _world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         flat /= self.expected_batch_size
         for p in self.params:
             p.grad = self.store.view(flat, p).to(p.dtype, memory_format=torch.contiguous_format)
+        if self.accountant is not None:
+            self.accountant.step()
+        clipped_sum, exact_sum, records, nonfinite = stats.tolist()
+        return StepStats(
+            released_loss=clipped_sum / self.expected_batch_size if self.loss_clip is not None else None,
+            exact_loss=exact_sum / max(records, 1), records=int(records), nonfinite=int(nonfinite))
+
+    def _noise(self, shape, std, purpose, step, like):
+        if self.secure_noise:
+            return secure_gaussian(shape, std, like.dtype, like.device)
+        gen = self.randomness.generator(purpose, step, device=like.device.type)
+        return torch.normal(0.0, std, shape, generator=gen, device=like.device, dtype=like.dtype)
 
     def noise_std(self):
         """Standard deviation of the noise in the averaged gradient: sigma * C / B."""
         return self.noise_multiplier * self.clip_norm / self.expected_batch_size
 
 
+@dataclasses.dataclass
+class StepStats:
+    """One logical step's loss figures. Only `released_loss` (the private estimate, or None when no
+    loss is released) may leave the console; the exact mean loss, the realised number of records
+    and the count of non-finite per-example gradients are exact statistics of private data."""
+    released_loss: float | None
+    exact_loss: float
+    records: int
+    nonfinite: int
+
+
+def secure_gaussian(shape, std, dtype=torch.float32, device="cpu"):
+    """N(0, std^2) from the operating system's cryptographically secure generator.
+
+    Uniforms are 53-bit integers from os.urandom, turned into normals by Box-Muller in float64.
+    Against floating-point attacks on Gaussian samplers (Mironov 2012; Holohan and Braghin 2021),
+    each value is the sum of four such draws halved (variance std^2 again), which leaves no
+    single draw's rounding pattern visible: the mitigation Opacus' secure_mode applies."""
+    n = math.prod(shape)
+    pairs = 2 * n  # each pair of uniforms gives two normals: 4 normals per output value
+    bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).view(2, pairs)
+    uniform = ((bits >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53  # [0, 1)
+    radius = torch.sqrt(-2.0 * torch.log1p(-uniform[0]))  # 1 - u in (0, 1]: log stays finite
+    angle = 2 * math.pi * uniform[1]
+    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n)
+    return (normals.sum(0) * (std / 2)).view(shape).to(device=device, dtype=dtype)
+
+
 def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # ----------------------------------------------------------------------------------------------

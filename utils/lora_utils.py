@@ -1,47 +1,96 @@
 """LoRA adapters through PEFT: which layers to wrap, seeded initialisation, saving and loading."""
 
+import difflib
 import json
 import os
+import re
+from collections import Counter
 
 import torch
+import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights
+from transformers.pytorch_utils import Conv1D
+
+from utils.data_utils import UserInputError
 
 ADAPTER_BIN = "lora_weights.bin"
 
-# Attention linears per architecture (the original recipe adapts attention only). GPT-2's
-# attention projections are Conv1D; the regex keeps its MLP c_proj out.
-_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ATTENTION_TARGETS = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "phi3": ["qkv_proj", "o_proj"],
-    "gpt2": r".*\.attn\.(c_attn|c_proj)$",
-}
+# the attention of a decoder layer, where its class name does not end in "Attention"
+ATTENTION_CHILDREN = {"self_attn", "attn", "attention", "self_attention"}
 
 
-def default_target_modules(model_type):
-    if model_type not in ATTENTION_TARGETS:
-        raise ValueError(
-            f"no default LoRA target layers for model type '{model_type}': "
-            "name them with --lora_target_modules (e.g. --lora_target_modules q_proj,v_proj)"
-        )
-    return ATTENTION_TARGETS[model_type]
+def _is_linear(module):
+    return isinstance(module, (nn.Linear, Conv1D))  # the GPT-2 family's projections are Conv1D
+
+
+def _leaf(name):
+    return name.rsplit(".", 1)[-1]
+
+
+def attention_linears(model):
+    """Full names of the linear children of the model's attention modules, fused qkv projections
+    (qkv_proj, query_key_value, c_attn, Wqkv) included: asked of the model itself, so a new family
+    needs no table (the original recipe adapts attention only)."""
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Attention") or _leaf(name) in ATTENTION_CHILDREN:
+            names.update(f"{name}.{child}" for child, sub in module.named_children() if _is_linear(sub))
+    return sorted(names)
+
+
+def default_target_modules(model):
+    """The attention linears as PEFT targets: their short names (q_proj, ...) when no other layer
+    shares them, else a regex over their paths (GPT-2: attn.c_proj, but not mlp.c_proj)."""
+    names = attention_linears(model)
+    if not names:
+        raise UserInputError(f"no attention layers found in this {model.config.model_type} model: name the layers "
+                             f"to adapt with --lora_target_modules (its linear layers: {', '.join(_linear_leaves(model))})")
+    leaves = sorted({_leaf(n) for n in names})
+    modules = [n for n, _ in model.named_modules()]
+    if {n for n in modules if _leaf(n) in leaves} == set(names):
+        return leaves
+    parents = {}
+    for name in names:
+        parent, leaf = name.rsplit(".", 1)
+        parents.setdefault(r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in parent.split(".")), set()).add(leaf)
+    regex = "|".join(rf"{parent}\.({'|'.join(sorted(leaves))})" for parent, leaves in sorted(parents.items()))
+    return regex if {n for n in modules if re.fullmatch(regex, n)} == set(names) else names
+
+
+def _linear_leaves(model):
+    return sorted({_leaf(n) for n, m in model.named_modules() if _is_linear(m)})
+
+
+def check_targets(model, targets):
+    """Every name given must match a layer: PEFT itself only complains when none does."""
+    if targets == "all-linear":
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        try:
+            found = any(re.fullmatch(targets, n) for n in modules)
+        except re.error as err:
+            raise UserInputError(f"--lora_target_modules {targets}: not a valid regex ({err})") from None
+        if not found:
+            raise UserInputError(f"--lora_target_modules {targets}: the regex matches no layer of this model "
+                                 f"(layer names look like {modules[-1]})")
+        return
+    leaves = sorted({_leaf(n) for n in modules if not _leaf(n).isdigit()})
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in modules):
+            close = difflib.get_close_matches(target, leaves, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else f"its linear layers: {', '.join(_linear_leaves(model))}"
+            raise UserInputError(f"--lora_target_modules: '{target}' matches no layer of this model ({hint})")
 
 
 def parse_target_modules(value):
-    """'q_proj,v_proj' -> list; a single value containing regex characters stays a regex."""
+    """'q_proj,v_proj' -> list; PEFT's 'all-linear' and a single value with regex characters stay strings."""
     if value is None:
         return None
     parts = [p.strip() for p in value.split(",") if p.strip()]
-    if len(parts) == 1 and any(c in parts[0] for c in "*.()|$^["):
+    if len(parts) == 1 and (parts[0] == "all-linear" or any(c in parts[0] for c in "*.()|$^[\\")):
         return parts[0]
     return parts
 
@@ -49,21 +98,30 @@ def parse_target_modules(value):
 def add_lora(model, r, alpha, dropout=0.0, target_modules=None, seed=0):
     """Wrap the model with LoRA adapters; the initialisation depends only on `seed`.
 
-    The generator state is saved and restored around the initialisation so that the adapter does
-    not depend on whatever consumed random numbers before (data loading, process count)."""
-    targets = target_modules or default_target_modules(model.config.model_type)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
-    )
+    target_modules: names, one regex or 'all-linear'; by default the attention linears. The
+    generator state is saved and restored around the initialisation so that the adapter does not
+    depend on whatever consumed random numbers before (data loading, process count)."""
+    targets = target_modules or default_target_modules(model)
+    check_targets(model, targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                bias="none", task_type="CAUSAL_LM")
             peft_model = get_peft_model(model, config)
-        except ValueError as err:
-            raise ValueError(f"LoRA targets {targets!r} do not match this model ({err}); "
-                             "choose them with --lora_target_modules") from None
+        except (ValueError, TypeError, NotImplementedError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserInputError(f"--lora_target_modules {targets}: PEFT cannot adapt these layers ({first})") from None
     return peft_model
+
+
+def lora_summary(model):
+    """'LoRA on 8 layers (self_attn.q_proj x2, ...): 4,096 trainable parameters'."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    kinds = Counter(".".join(p for p in n.split(".")[-2:] if not p.isdigit()) for n in layers)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    listed = ", ".join(f"{kind} x{count}" for kind, count in kinds.items())
+    return f"LoRA on {len(layers)} layers ({listed}): {params:,} trainable parameters"
 
 
 def lora_parameters(model):
@@ -71,9 +129,13 @@ def lora_parameters(model):
 
 
 def save_adapter(model, output_dir):
-    """PEFT adapter files (adapter_config.json + adapter_model.safetensors) and lora_weights.bin."""
-    model.save_pretrained(output_dir, safe_serialization=True)
-    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """PEFT adapter files (adapter_config.json + adapter_model.safetensors) and lora_weights.bin.
+
+    Only what was trained: with lm_head (or embed_tokens) as a target PEFT would also save that
+    layer's whole frozen vocabulary x hidden matrix (tied to the input embeddings on e.g. Gemma);
+    the base model supplies it when the adapter is loaded."""
+    model.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
     torch.save(state, os.path.join(output_dir, ADAPTER_BIN))
 
 
@@ -97,7 +159,9 @@ def load_adapter(base_model, path, is_trainable=False):
         except RuntimeError as err:  # shape mismatches: a multi-line message, one line per tensor
             raise ValueError(_shape_mismatch(path, err)) from None
         # from_pretrained only warns about missing keys and ignores unexpected ones
-        loaded, saved = set(get_peft_model_state_dict(model)), set(load_peft_weights(folder))
+        loaded = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+        # PEFT elsewhere saves a targeted lm_head's frozen matrix too: not adapter weights
+        saved = {k for k in load_peft_weights(folder) if not k.endswith(".base_layer.weight")}
         if loaded != saved:
             raise ValueError(f"{path}: adapter does not match the base model "
                              f"(missing {sorted(loaded - saved)[:3]}, unexpected {sorted(saved - loaded)[:3]})")

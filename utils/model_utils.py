@@ -1,5 +1,6 @@
 """Loading the base model and tokenizer, shared by training and inference."""
 
+import math
 import os
 import sys
 import traceback
@@ -52,12 +53,36 @@ def load_model(name, mixed_precision="no", token=None):
     return model
 
 
+def disable_base_dropout(model):
+    """Every dropout of the base model set to 0: the config's rates, nn.Dropout modules and the
+    float rates attention layers keep for functional dropout (Llama's attention_dropout, OPT's
+    dropout). Under DP dropout costs utility (Li et al. 2022) and makes a step impossible to check
+    against a reference. Call before adding LoRA (its own dropout stays). Returns {config rate: old
+    value} for the rates that were not 0."""
+    was = {k: v for k, v in model.config.to_dict().items()
+           if k.endswith(("dropout", "pdrop")) and isinstance(v, float) and v > 0}
+    for key in was:
+        setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        rates = [k for k, v in vars(module).items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)]
+        for key in rates:
+            setattr(module, key, 0.0)
+    return was
+
+
 def check_block_size(block_size, model):
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if block_size < 2:
         raise UserInputError(f"--block_size {block_size}: must be at least 2")
     if context is not None and block_size > context:
         raise UserInputError(f"--block_size {block_size}: beyond the model's context length {context}")
+
+
+def uniform_guess_loss(model):
+    """ln(V): the per-token loss of a uniform guess over the model's output vocabulary."""
+    return math.log(model.get_output_embeddings().weight.shape[0])
 
 
 def _first_line(err):

@@ -24,18 +24,14 @@ def forward_losses(model, batch, accelerator):
 
 def train_logical_step(model, micro_batches, collator, dp_gradient, accelerator, step):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
-    in param.grad. Returns (sum of per-record losses, number of real records) over all processes."""
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
     for indices in micro_batches:
         batch = _to_device(collator(indices), accelerator.device)
         losses, counts = forward_losses(model, batch, accelerator)
         # the sum of per-record losses: each record's gradient is its own, unscaled by the others
         losses.sum().backward()
-        dp_gradient.accumulate_micro_batch()
-        loss_sum[0] += losses.detach().sum().double().cpu()
-        loss_sum[1] += (counts > 0).sum().cpu()
-    dp_gradient.finish_step(step)
-    return all_reduce_sum(loss_sum)
+        dp_gradient.accumulate_micro_batch(losses, counts)
+    return dp_gradient.finish_step(step)
 
 
 def all_reduce_sum(tensor):

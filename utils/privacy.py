@@ -1,0 +1,194 @@
+"""The privacy plan of a training run: every privacy decision train_clm.py makes, in one place.
+
+From the arguments and the data set size it settles whether the run is private, the noise of the
+gradient and of the released training loss, the accountant and its neighbouring relation, the
+number of steps the budget allows, and what the run may publish. `PrivacyPlan.report()` is
+privacy_report.json. See docs/DESIGN.md for the rules each part implements.
+
+What a run publishes (its release: the output folder, the tracker, plots) holds only numbers
+covered by the reported epsilon, computed on data the user declared public (validation metrics),
+or public configuration. The training loss is released through the same subsampled Gaussian as
+the gradient (`--train_loss private`, the default), not at all (`off`), or exactly (`exact`: a
+curator-only debugging mode whose file says NOT_PRIVATE and whose report says so).
+"""
+
+import dataclasses
+import math
+
+from utils.accounting import (ACCOUNTANT_NAME, PrivacyAccountant, check_delta, compute_epsilon_rdp,
+                              effective_noise_multiplier, noise_multiplier_for_epsilon)
+from utils.data_utils import UserInputError
+
+# sigma_loss / sigma. Releasing the loss beside the gradient lowers the effective noise multiplier
+# to sigma / sqrt(1 + ratio^-2); for the same epsilon the gradient's own noise must grow by that
+# factor: 1.048 at 3.2 (4.8%, within the 5% we allow the loss to cost). The loss noise is then
+# 3.2 sigma L / B in the released mean, e.g. 0.016 nats at sigma 1, L = ln(32000), B = 2048.
+LOSS_NOISE_RATIO = 3.2
+
+TRAIN_LOSS_MODES = ("private", "off", "exact")
+EXACT_LOG_FILE = "training_log.NOT_PRIVATE_exact_losses.json"
+SHUFFLE_CAVEAT = ("epsilon is computed for Poisson sampling; this run used shuffled fixed-size batches, "
+                  "for which it is not a proven guarantee")
+
+
+def add_privacy_args(parser):
+    privacy = parser.add_argument_group("privacy")
+    privacy.add_argument("--clip_norm", type=float, default=1.0, help="per-example clipping norm C (<0: non-private)")
+    privacy.add_argument("--noise_multiplier", type=float, default=None, help="sigma of the gradient (<0: non-private)")
+    privacy.add_argument("--target_epsilon", type=float, default=None, help="solve sigma for this epsilon over the planned steps")
+    privacy.add_argument("--delta", type=float, default=1e-7)
+    privacy.add_argument("--neighboring_relation", choices=["add_remove", "replace_one"], default="add_remove",
+                         help="the relation --target_epsilon and the budget guard use (both epsilons are reported)")
+    privacy.add_argument("--sampling", choices=["poisson", "shuffle"], default="poisson")
+    privacy.add_argument("--train_loss", choices=TRAIN_LOSS_MODES, default="private",
+                         help="training loss in the release: a DP estimate (private), none (off), or exact "
+                              f"(curator-only debugging: written to {EXACT_LOG_FILE}, not covered by epsilon)")
+    privacy.add_argument("--loss_clip", type=float, default=None,
+                         help="per-record loss bound L of the private loss (default: ln(vocabulary size), the "
+                              "loss of a uniform guess)")
+    privacy.add_argument("--secure_noise", action="store_true",
+                         help="noise from the OS's cryptographic generator, each value a sum of four draws "
+                              "(floating-point attack mitigation)")
+    privacy.add_argument("--insecure_dp_seed", type=int, default=None, help="TESTING ONLY: reproducible sampling and noise")
+    return privacy
+
+
+def validate_privacy_args(args):
+    if args.target_epsilon is not None and args.noise_multiplier is not None:
+        raise UserInputError("--target_epsilon and --noise_multiplier exclude each other: give one")
+    if args.target_epsilon is not None and args.clip_norm <= 0:
+        raise UserInputError("--target_epsilon needs --clip_norm > 0")
+    if args.target_epsilon is None and args.noise_multiplier is None:
+        raise UserInputError("give --noise_multiplier or --target_epsilon (or --clip_norm -1 --noise_multiplier -1 for non-private)")
+    if (args.clip_norm < 0) != (args.noise_multiplier is not None and args.noise_multiplier < 0):
+        raise UserInputError("non-private mode needs both --clip_norm -1 and --noise_multiplier -1")
+    if not (args.clip_norm > 0 or args.clip_norm < 0):  # 0 (or NaN) would silently train without privacy
+        raise UserInputError(f"--clip_norm {args.clip_norm}: must be > 0 (or -1 for non-private training)")
+    if args.target_epsilon is not None and not args.target_epsilon > 0:
+        raise UserInputError(f"--target_epsilon {args.target_epsilon}: must be positive")
+    if not 0 < args.delta < 1:
+        raise UserInputError(f"--delta {args.delta}: must be in (0, 1)")
+    if args.loss_clip is not None and not args.loss_clip > 0:
+        raise UserInputError(f"--loss_clip {args.loss_clip}: must be positive")
+    if args.secure_noise and args.insecure_dp_seed is not None:
+        raise UserInputError("--secure_noise and --insecure_dp_seed exclude each other")
+
+
+@dataclasses.dataclass
+class PrivacyPlan:
+    private: bool
+    noise_multiplier: float | None  # the gradient's sigma
+    loss_noise_multiplier: float | None  # None: no private loss is released
+    loss_clip: float | None  # L of the private loss
+    train_loss: str
+    steps: int  # planned, already cut to what the budget allows
+    sampling_rate: float
+    expected_batch_size: int
+    dataset_size: int
+    args: object
+    accountant: PrivacyAccountant | None = None
+
+    @property
+    def effective_noise_multiplier(self):
+        return effective_noise_multiplier(self.noise_multiplier, self.loss_noise_multiplier) if self.private else None
+
+    @property
+    def releases_exact_loss(self):
+        return self.train_loss == "exact" or not self.private
+
+    @property
+    def caveat(self):
+        if not self.private:
+            return "non-private training: epsilon is infinite"
+        if self.noise_multiplier == 0:
+            return "noise multiplier 0: clipping only, epsilon is infinite"
+        if self.args.sampling == "shuffle":
+            return SHUFFLE_CAVEAT
+        return None
+
+    def epsilon(self, steps=None, relation=None):
+        """Epsilon after `steps` (default: the steps taken so far); None when non-private."""
+        return self.accountant.epsilon(steps, relation) if self.accountant else None
+
+    def plan_line(self):
+        if not self.private:
+            return f"non-private training: epsilon = infinity ({self.steps} steps, expected batch {self.expected_batch_size})"
+        a = self.args
+        loss = (f", loss sigma {self.loss_noise_multiplier:.4g} at L {self.loss_clip:.3g}, effective sigma "
+                f"{self.effective_noise_multiplier:.4g}" if self.loss_noise_multiplier is not None else "")
+        line = (f"privacy plan: epsilon {self.epsilon(self.steps):.4g} ({a.neighboring_relation}; replace-one "
+                f"{self.epsilon(self.steps, 'replace_one'):.4g}) at delta {a.delta:g} (sigma "
+                f"{self.noise_multiplier:.4g}{loss}, q {self.sampling_rate:.4g}, {self.steps} steps, expected batch "
+                f"{self.expected_batch_size}, {a.sampling} sampling)")
+        return line + (f"\nnote: {self.caveat}" if self.caveat else "")
+
+    def report(self, steps, num_processes):
+        """privacy_report.json: the guarantee of the `steps` steps taken, and how it was obtained."""
+        a, private = self.args, self.private
+        report = {
+            "epsilon": self.epsilon(steps, "add_remove"),
+            "epsilon_replace_one": self.epsilon(steps, "replace_one"),
+            "neighboring_relation": a.neighboring_relation,
+            "epsilon_rdp": compute_epsilon_rdp(self.effective_noise_multiplier, self.sampling_rate, steps, a.delta)
+            if private else None,
+            "delta": a.delta if private else None,
+            "noise_multiplier": self.noise_multiplier if private else None,
+            "loss_noise_multiplier": self.loss_noise_multiplier,
+            "effective_noise_multiplier": self.effective_noise_multiplier,
+            "clip_norm": a.clip_norm if private else None,
+            "loss_clip": self.loss_clip,
+            "train_loss": self.train_loss,
+            "releases_non_private_statistics": private and self.train_loss == "exact",
+            "target_epsilon": a.target_epsilon,
+            "sampling": a.sampling,
+            "sampling_rate": self.sampling_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "dataset_size": self.dataset_size,
+            "steps": steps,
+            "accountant": ACCOUNTANT_NAME if private else None,
+            "num_processes": num_processes,
+            "noise_source": noise_source(a),
+        }
+        if self.caveat:
+            report["note"] = self.caveat
+        return report
+
+
+def noise_source(args):
+    if args.insecure_dp_seed is not None:
+        return "insecure (--insecure_dp_seed)"
+    return "os cryptographic generator, sum of 4 draws (--secure_noise)" if args.secure_noise else "os-seeded generator"
+
+
+def make_privacy_plan(args, dataset_size, sampling_rate, expected_batch_size, planned, default_loss_clip, say=print):
+    """Validate against the data, calibrate sigma, apply the budget guard; the run's PrivacyPlan."""
+    private = args.clip_norm > 0
+    train_loss = args.train_loss if private else "exact"  # nothing is private without clipping and noise
+    loss_clip = (args.loss_clip or default_loss_clip) if train_loss == "private" else None
+    plan = PrivacyPlan(private, args.noise_multiplier, None, loss_clip, train_loss, planned, sampling_rate,
+                       expected_batch_size, dataset_size, args)
+    if not private:
+        return plan
+    try:
+        check_delta(args.delta, dataset_size)
+        if args.target_epsilon is not None:
+            effective = noise_multiplier_for_epsilon(args.target_epsilon, sampling_rate, planned, args.delta,
+                                                     args.neighboring_relation)
+            plan.noise_multiplier = effective * math.sqrt(1 + LOSS_NOISE_RATIO ** -2) if train_loss == "private" else effective
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+    if train_loss == "private":
+        plan.loss_noise_multiplier = LOSS_NOISE_RATIO * plan.noise_multiplier
+    plan.accountant = PrivacyAccountant(plan.effective_noise_multiplier, sampling_rate, args.delta,
+                                        args.neighboring_relation)
+    if args.target_epsilon is not None:  # defence in depth: never step past the budget
+        allowed = plan.accountant.steps_within(args.target_epsilon, planned)
+        if allowed < planned:
+            say(f"warning: only {allowed} of {planned} steps fit in --target_epsilon {args.target_epsilon:g}")
+            plan.steps = allowed
+    if plan.noise_multiplier == 0:
+        say("warning: --noise_multiplier 0 clips without noise: epsilon is infinite")
+    if train_loss == "exact":
+        say(f"warning: --train_loss exact releases exact training losses, which epsilon does not cover: they go to "
+            f"{EXACT_LOG_FILE} (for the data curator only; never publish it)")
+    return plan
