@@ -3,6 +3,10 @@
 
     python scripts/audit_privacy.py --output_dir audit_dp --target_epsilon 4      # DP on
     python scripts/audit_privacy.py --output_dir audit_off --non_private          # DP off
+    python scripts/audit_privacy.py --output_dir audit_rel --attack release        # the logs, not the adapter
+
+`--attack release` audits what the run publishes beside the adapter (scripts/audit_release.py);
+the default `--attack adapter` is the one-run audit of the trained adapter described here.
 
 1. m canary records (random vocabulary tokens as the answer, an empty instruction) are drawn;
    each joins the training set independently with probability 1/2, beside the population records.
@@ -37,6 +41,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
@@ -47,6 +52,7 @@ from utils.dp_utils import per_record_loss  # noqa: E402
 from utils.lora_utils import load_adapter  # noqa: E402
 from utils.model_utils import load_model, load_tokenizer, run_cli  # noqa: E402
 from utils.tiny_models import build_tiny_model, local_sentences  # noqa: E402
+from audit_release import release_audit  # noqa: E402
 
 TINY_TARGETS = "q_proj,k_proj,v_proj,o_proj,lm_head"  # a random model's output layer must adapt to memorise
 
@@ -169,6 +175,11 @@ def parse_args(argv=None):
         description=__doc__.splitlines()[0],
         epilog="Unknown arguments go to train_clm.py (e.g. --learning_rate 1e-2 --lora_r 32).")
     p.add_argument("--output_dir", required=True, help="canary data, the training run, audit.json")
+    p.add_argument("--attack", choices=["adapter", "release"], default="adapter",
+                   help="adapter: one-run canary audit of the trained adapter; release: the output folder's "
+                        "logged numbers over many runs of neighbouring data sets (audit_release.json)")
+    p.add_argument("--num_runs", type=int, default=100, help="release attack: runs per world")
+    p.add_argument("--calibration_runs", type=int, default=30, help="release attack: runs that fix the threshold")
     p.add_argument("--model_name_or_path", default=None, help="default: build a tiny random Llama in output_dir")
     p.add_argument("--population_file", default=None,
                    help="records always in the training set (JSON / JSON Lines); default: local English sentences")
@@ -182,8 +193,8 @@ def parse_args(argv=None):
                    help="steps = epochs x (population + m/2) / batch, fixed before the canaries are drawn in")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the training run and of the bound")
     privacy = p.add_mutually_exclusive_group()
-    privacy.add_argument("--target_epsilon", type=float, default=None, help="DP run (default 4 unless "
-                         "--noise_multiplier is passed on)")
+    privacy.add_argument("--target_epsilon", type=float, default=None, help="DP run (default 4, or 0.1 with "
+                         "--attack release, unless --noise_multiplier is passed on)")
     privacy.add_argument("--non_private", action="store_true", help="train without clipping or noise")
     p.add_argument("--audit_seed", type=int, default=0, help="canaries and their inclusion (not the DP noise)")
     args, train_args = p.parse_known_args(argv)
@@ -202,6 +213,8 @@ def parse_args(argv=None):
         raise UserInputError(f"--num_population {args.num_population}: must be >= 0")
     if not 0 < args.delta < 1:
         raise UserInputError(f"--delta {args.delta}: must be in (0, 1)")
+    if args.num_runs < 1 or args.calibration_runs < 1:
+        raise UserInputError("--num_runs and --calibration_runs: must be at least 1")
     for own in ("--train_file", "--validation_file", "--dataset_name", "--output_dir", "--model_name_or_path"):
         if any(a == own or a.startswith(own + "=") for a in train_args):
             raise UserInputError(f"{own} is set by the audit; use this script's own options")
@@ -221,6 +234,15 @@ def main(argv=None):
         model_path = os.path.join(args.output_dir, "tiny_llama")
         if not os.path.exists(os.path.join(model_path, "config.json")):
             build_tiny_model(model_path)
+
+    if args.non_private:
+        privacy = ["--clip_norm", "-1", "--noise_multiplier", "-1"]
+    elif any(a.split("=")[0] == "--noise_multiplier" for a in passed_on):
+        privacy = []
+    else:
+        privacy = ["--target_epsilon", str(args.target_epsilon or (0.1 if args.attack == "release" else 4.0))]
+    if args.attack == "release":
+        return report_release_audit(args, release_audit(args, privacy + passed_on, model_path, make_canaries))
 
     # canaries: each included independently with probability 1/2 (the audit's own randomness)
     tokenizer = load_tokenizer(model_path)
@@ -242,12 +264,6 @@ def main(argv=None):
                 "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
     if tiny:
         defaults += ["--lora_target_modules", TINY_TARGETS]
-    if args.non_private:
-        privacy = ["--clip_norm", "-1", "--noise_multiplier", "-1"]
-    elif any(a.split("=")[0] == "--noise_multiplier" for a in passed_on):
-        privacy = []
-    else:
-        privacy = ["--target_epsilon", str(args.target_epsilon or 4.0)]
     train_argv = ["--train_file", data_file, "--model_name_or_path", model_path, "--output_dir", run_dir,
                   "--delta", repr(args.delta), *defaults, *privacy, *passed_on]
     # the number of steps must not depend on which canaries were drawn in: fix it from the
@@ -299,6 +315,21 @@ def main(argv=None):
     print(f"empirical epsilon lower bound: {bound:.3f} at {100 * args.confidence:g}% confidence")
     if claimed is not None and bound > claimed:
         print("WARNING: the empirical lower bound exceeds the claimed epsilon: the privacy claim is violated")
+    return result
+
+
+def report_release_audit(args, result):
+    with open(os.path.join(args.output_dir, "audit_release.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    claimed = result["claimed_epsilon_replace_one"]  # same-size neighbours: the replace-one relation
+    print(f"release audit ({result['train_loss']} training loss): canary flagged in {result['flagged_with_canary']} "
+          f"of {args.num_runs} runs, falsely in {result['flagged_without_canary']} of {args.num_runs}")
+    print(f"claimed epsilon: {'inf (non-private)' if claimed is None else f'{claimed:.3f}'} (replace-one) "
+          f"at delta {args.delta:g}")
+    print(f"empirical epsilon lower bound: {result['empirical_epsilon_lower_bound']:.3f} at "
+          f"{100 * args.confidence:g}% confidence")
+    if claimed is not None and result["empirical_epsilon_lower_bound"] > claimed:
+        print("WARNING: the empirical lower bound exceeds the claimed epsilon: what the run publishes is not covered")
     return result
 
 

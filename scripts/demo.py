@@ -177,12 +177,13 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
 
     fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.8))
     steps = [r["step"] for r in dp_log]
+    # the DP run's logged loss is its private estimate (clipped, noised, covered by epsilon)
     ax_loss.plot(steps, [r["train_loss"] for r in dp_log], "o-", color="C0", ms=3,
-                 label=f"DP LoRA, training batch (eps {report['epsilon']:.2g})")
+                 label=f"DP LoRA, training loss (private estimate, eps {report['epsilon']:.2g})")
     if nonprivate:
         np_log, np_loss = nonprivate
         ax_loss.plot([r["step"] for r in np_log], [r["train_loss"] for r in np_log], "s-", color="C1", ms=3,
-                     label="non-private LoRA, training batch")
+                     label="non-private LoRA, training batch (exact)")
         ax_loss.plot([steps[-1]], [np_loss], "D", color="C1", ms=8, label="non-private LoRA, validation")
     ax_loss.plot([0], [base_loss], "*", color="k", ms=12, label="base model, validation")
     ax_loss.plot([steps[-1]], [dp_loss], "D", color="C0", ms=8, label="DP LoRA, validation")
@@ -193,7 +194,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     ax_loss.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax_loss.grid(alpha=0.3)
 
-    sigma, q, delta = report["noise_multiplier"], report["sampling_rate"], report["delta"]
+    sigma, q, delta = report["effective_noise_multiplier"], report["sampling_rate"], report["delta"]
     eps_steps = list(range(1, report["steps"] + 1))
     ax_eps.plot([0] + eps_steps, [0.0] + [compute_epsilon(sigma, q, t, delta) for t in eps_steps], "o-", ms=3,
                 color="C2", label=f"epsilon spent (delta {delta:.0e})")
@@ -201,7 +202,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
         ax_eps.axhline(report["target_epsilon"], color="C3", ls="--", label=f"target {report['target_epsilon']:g}")
     ax_eps.set_xlabel("step")
     ax_eps.set_ylabel("epsilon")
-    ax_eps.set_title(f"Privacy spent (sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
+    ax_eps.set_title(f"Privacy spent (effective sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
     ax_eps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax_eps.grid(alpha=0.3)
     for ax in (ax_loss, ax_eps):
@@ -218,9 +219,10 @@ def summary_text(s):
         f"({s['trainable_parameters']:,} trainable parameters)",
         f"data        {s['train_records']} training / {s['val_records']} validation PubMed abstracts "
         f"(prompt \"{PROMPT}\", {s['block_size']} tokens max)",
-        f"privacy     epsilon {s['epsilon']:.3g} at delta {s['delta']:.0e} ({s['sampling']} sampling, "
-        f"PLD accountant)",
-        f"            noise multiplier {s['noise_multiplier']:.3g}, clip norm {s['clip_norm']:g}, "
+        f"privacy     epsilon {s['epsilon']:.3g} (replace-one {s['epsilon_replace_one']:.3g}) at delta {s['delta']:.0e} "
+        f"({s['sampling']} sampling, PLD accountant)",
+        f"            noise multiplier {s['noise_multiplier']:.3g} (gradient), {s['loss_noise_multiplier']:.3g} (training "
+        f"loss), {s['effective_noise_multiplier']:.3g} (effective), clip norm {s['clip_norm']:g}, "
         f"sampling rate {s['sampling_rate']:.3g}, expected batch {s['expected_batch_size']}, {s['steps']} steps",
         f"perplexity  base model {s['perplexity_base']:.2f} -> DP LoRA {s['perplexity_dp']:.2f} "
         f"(validation, {s['val_records']} abstracts)",
@@ -275,7 +277,8 @@ def main(argv=None):
     # 6. synthetic abstracts from the DP adapter
     stages.run("generation", [
         sys.executable, "inference_generation_dataset.py", "--model_name_or_path", model,
-        "--lora_weights_path", runs["dp"], "--validation_file", paths["validation"],
+        # the prompts are the fixed public string "Abstract:", copied into the released generations
+        "--lora_weights_path", runs["dp"], "--validation_file", paths["validation"], "--prompts_are_public",
         "--num_samples", str(args.num_samples), "--batch_size", str(args.num_samples),
         "--max_new_tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--output_dir", runs["samples"]])
 
@@ -301,7 +304,8 @@ def main(argv=None):
         "trainable_parameters": adapter_size(runs["dp"]),
         "train_records": args.train_records, "val_records": args.val_records, "block_size": args.block_size,
         "learning_rate": args.learning_rate,
-        **{k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "clip_norm", "sampling", "sampling_rate",
+        **{k: report[k] for k in ("epsilon", "epsilon_replace_one", "delta", "noise_multiplier", "loss_noise_multiplier",
+                                  "effective_noise_multiplier", "clip_norm", "sampling", "sampling_rate",
                                   "expected_batch_size", "steps", "accountant")},
         "perplexity_base": base["eval_perplexity"], "perplexity_dp": dp["eval_perplexity"],
         "perplexity_nonprivate": np_results["eval_perplexity"] if args.compare_nonprivate else None,

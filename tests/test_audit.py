@@ -8,11 +8,14 @@ import json
 import math
 import os
 import random
+import sys
 
 import pytest
 import torch
 
 from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 spec = importlib.util.spec_from_file_location("audit_privacy", os.path.join(ROOT, "scripts", "audit_privacy.py"))
 audit = importlib.util.module_from_spec(spec)
@@ -86,3 +89,38 @@ def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
     assert result["claimed_epsilon"] == pytest.approx(4, rel=2e-3)
     assert result["noise_multiplier"] > 0 and result["clip_norm"] == 1
     assert result["empirical_epsilon_lower_bound"] <= result["claimed_epsilon"], result["correct_guesses"]
+
+
+# ---- the release beside the adapter: logged training losses ----
+
+def test_release_audit_bound_from_rates():
+    import audit_release
+
+    assert audit_release.epsilon_from_rates(5, 5, 10, 1e-5, 0.95) == 0.0
+    p = 0.025 ** (1 / 100)  # one-sided Clopper-Pearson bounds at 97.5% each for 100 of 100 and 0 of 100
+    assert audit_release.epsilon_from_rates(100, 0, 100, 0.0, 0.95) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+    strong = [audit_release.epsilon_from_rates(k, 2, 100, 1e-5, 0.95) for k in (60, 80, 95)]
+    assert strong[0] < strong[1] < strong[2]
+
+
+@pytest.mark.parametrize("train_loss", ["exact", "private"])
+def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, capsys, train_loss):
+    """Neighbouring data sets of the same size, one with a high-loss canary: the largest logged loss
+    gives the canary away when losses are exact, and is at chance level when they are private."""
+    threads = torch.get_num_threads()
+    try:
+        result = audit.main(["--output_dir", str(tmp_path / "audit"), "--attack", "release", "--num_runs", "12",
+                             "--calibration_runs", "8", "--train_loss", train_loss])
+    finally:
+        torch.set_num_threads(threads)
+    assert "empirical epsilon lower bound:" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "audit" / "audit_release.json").read_text())
+    assert saved == result and result["train_loss"] == train_loss
+    claimed = result["claimed_epsilon_replace_one"]
+    assert 0.15 < claimed < 0.3  # target 0.1 (add/remove); same-size neighbours are replace-one
+    if train_loss == "exact":
+        assert result["flagged_with_canary"] >= 7 and result["flagged_without_canary"] <= 1
+        assert result["empirical_epsilon_lower_bound"] > claimed
+    else:
+        assert result["empirical_epsilon_lower_bound"] == 0.0
+        assert abs(result["flagged_with_canary"] - result["flagged_without_canary"]) <= 3

@@ -40,6 +40,10 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
     assert summary["sampling_rate"] == pytest.approx(8 / 64)
     assert summary["perplexity_base"] > 1 and summary["perplexity_dp"] > 1
     assert len(summary["samples"]) == 2
+    # the release: the DP run's log holds only its private loss estimate, public settings and epsilon
+    released = {"step", "train_loss", "lr", "epsilon"}
+    assert all(set(row) <= released for row in json.loads((out / "dp" / "training_log.json").read_text()))
+    assert summary["loss_noise_multiplier"] > 0 and summary["effective_noise_multiplier"] < summary["noise_multiplier"]
     text = (out / "summary.txt").read_text()
     assert "epsilon" in text and "perplexity" in text and text.strip() in result.stdout
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

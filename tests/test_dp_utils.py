@@ -181,3 +181,78 @@ def test_noise_comes_from_the_os_not_the_training_seed(tiny_llama):
     assert not torch.allclose(draws[0], draws[1])
     seeded = [flat(run_step(model, collate, [[None]], 1.0, 1.0, 4, DPRandomness(insecure_seed=9))[0]) for _ in range(2)]
     assert torch.equal(seeded[0], seeded[1])
+
+
+def test_a_non_finite_record_contributes_zero_and_is_counted(tiny_llama):
+    """One NaN loss (e.g. fp16 overflow) must not turn the update into NaN, which would reveal that
+    its record was sampled: its row is zeroed before clipping, so the step equals the step without it."""
+    model, collate = lora_model(tiny_llama), batch_of(tiny_llama, RECORDS)
+
+    def step(indices, poison=None):
+        dp = DPGradient(model, 0.05, 0.0, 8, loss_clip=5.0, loss_noise_multiplier=0.0)
+        losses = loss_of(model, collate(indices))
+        if poison is not None:
+            losses = losses * torch.tensor([math.nan if i == poison else 1.0 for i in range(len(indices))],
+                                           dtype=losses.dtype)
+        losses.sum().backward()
+        dp.accumulate_micro_batch(losses, torch.ones(len(indices)))
+        stats = dp.finish_step(0)
+        grads = flat([p.grad.detach().clone() for p in dp.params])
+        model.zero_grad(set_to_none=True)
+        dp.detach()
+        return grads, stats, losses.detach()
+
+    poisoned, stats, losses = step([0, 1, 2], poison=1)
+    without, clean_stats, clean_losses = step([0, 2])
+    assert torch.isfinite(poisoned).all() and poisoned.abs().max() > 0
+    assert torch.allclose(poisoned, without, rtol=1e-12, atol=1e-15)
+    assert stats.nonfinite == 1 and clean_stats.nonfinite == 0
+    # the released loss counts the non-finite record at the bound L, like any record above it
+    clipped = clean_losses.clamp(max=5.0).sum().item()
+    assert stats.released_loss == pytest.approx((clipped + 5.0) / 8, rel=1e-12)
+
+
+def test_released_loss_is_the_clipped_sum_plus_one_noise_draw_over_b(tiny_llama):
+    model, collate = lora_model(tiny_llama, torch.float32), batch_of(tiny_llama, RECORDS)
+    losses = loss_of(model, collate([0, 1, 2, 3])).detach()
+    bound = float(losses.median())  # half of the records are clipped
+    dp = DPGradient(model, 1.0, 0.0, 16, loss_clip=bound, loss_noise_multiplier=0.0)
+    dp.accumulate_micro_batch(losses, torch.tensor([3, 5, 0, 2]))  # a record without labels is a dummy
+    stats = dp.finish_step(0)
+    assert stats.released_loss == pytest.approx(float(losses.clamp(max=bound).sum()) / 16, rel=1e-6)
+    assert stats.records == 3
+    dp.detach()
+    # the noise: N(0, (sigma_loss L)^2) on the sum, once per step, reproducible only with the testing seed
+    sigma_loss, steps = 2.5, 3000
+    dp = DPGradient(model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss)
+    draws = torch.tensor([dp.finish_step(t).released_loss for t in range(steps)], dtype=torch.float64)
+    expected = sigma_loss * bound / 16
+    assert abs(draws.std().item() / expected - 1) < 5 / math.sqrt(2 * steps)
+    assert abs(draws.mean().item()) < 5 * expected / math.sqrt(steps)
+    dp.detach()
+    again = DPGradient(model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss)
+    assert again.finish_step(7).released_loss == draws[7].item()
+    again.detach()
+
+
+def test_secure_noise_is_gaussian_with_the_right_scale_and_unseeded(tiny_llama):
+    from utils.dp_utils import secure_gaussian
+
+    n = 400_000
+    draws = secure_gaussian((n,), 2.0, torch.float64)
+    assert abs(draws.mean().item()) < 5 * 2.0 / math.sqrt(n)
+    assert abs(draws.std().item() / 2.0 - 1) < 5 / math.sqrt(2 * n)
+    z = draws / draws.std()
+    assert abs((z**4).mean().item() - 3) < 0.05  # Gaussian kurtosis
+    assert abs(((z.abs() > 3).double().mean().item() - 0.0027) / 0.0027) < 0.1  # Gaussian tails
+    torch.manual_seed(0)
+    first = secure_gaussian((100,), 1.0)
+    torch.manual_seed(0)
+    assert not torch.equal(first, secure_gaussian((100,), 1.0))  # no seed reproduces it
+    # through DPGradient: the same sigma C / B in the averaged gradient
+    model, collate = lora_model(tiny_llama, torch.float32), batch_of(tiny_llama, RECORDS)
+    dp = DPGradient(model, 0.7, 1.3, 8, secure_noise=True)
+    dp.finish_step(0)
+    noise = flat([p.grad for p in dp.params]).double()
+    assert abs(noise.std().item() / dp.noise_std() - 1) < 5 / math.sqrt(2 * noise.numel())
+    dp.detach()

@@ -270,11 +270,28 @@ def test_adapter_of_another_model_is_refused(trained, tiny_llama, tiny_gpt2, ins
             instruct(tiny_llama, tmp_path / "deep", instruction_file, "--lora_weights_path", path)
 
 
+def test_prompts_from_a_data_file_are_refused_unless_declared_public(tiny_llama, tmp_path):
+    """generations.jsonl repeats each prompt: private instructions must never reach it."""
+    secret = "Patient Jane Roe, SSN 078-05-1120:"
+    records = write_records(tmp_path / "private.jsonl", [(secret, "a"), ("Q2:", "b")], jsonl=True)
+    for flag in ("--train_file", "--validation_file"):
+        out = tmp_path / f"out{flag}"
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "inference_generation_dataset.py"), flag, records,
+                                 "--model_name_or_path", tiny_llama, "--output_dir", str(out), "--max_new_tokens", "4"],
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 2 and "--prompts_are_public" in result.stderr
+        assert result.stderr.startswith(f"error: {records}:") and len(result.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+    holders = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert holders == [tmp_path / "private.jsonl"]
+
+
 def test_dataset_script_prompts(tiny_llama, tmp_path):
     records = write_records(tmp_path / "val.jsonl", [("Q1:", "a"), ("Q2:", "b"), ("", "c")], jsonl=True)
     reset_accelerate()
     path = inference_generation_dataset.main(["--validation_file", records, "--num_samples", "7", "--model_name_or_path",
-                                              tiny_llama, "--output_dir", str(tmp_path / "file"), "--max_new_tokens", "4"])
+                                              tiny_llama, "--output_dir", str(tmp_path / "file"), "--max_new_tokens", "4",
+                                              "--prompts_are_public"])
     assert [r["instruction"] for r in read_jsonl(path)] == ["Q1:", "Q2:", ""] * 2 + ["Q1:"]
 
     pubmed = tmp_path / "pubmed"

@@ -105,3 +105,17 @@ def test_run_stops_before_exceeding_its_target(tiny_llama, text_records, tmp_pat
     report = run(tiny_llama, data, tmp_path / "out", "--target_epsilon", "3")
     assert report["epsilon"] <= 3.0
     assert 4 <= report["steps"] < 10
+
+
+def test_shuffle_runs_from_epochs_and_says_its_epsilon_is_a_poisson_figure(tiny_llama, text_records, tmp_path, capsys):
+    data = write_records(tmp_path / "d.json", text_records[:60])
+    out = tmp_path / "out"
+    train_clm.main(["--train_file", data, "--model_name_or_path", tiny_llama, "--output_dir", str(out),
+                    "--block_size", "32", "--per_device_train_batch_size", "8", "--clip_norm", "1",
+                    "--noise_multiplier", "1.0", "--delta", "1e-3", "--sampling", "shuffle", "--num_train_epochs", "1.5"])
+    report = json.loads((out / "privacy_report.json").read_text())
+    results = json.loads((out / "all_results.json").read_text())
+    assert report["steps"] == results["steps"] == 12  # 1.5 epochs of ceil(60 / 8) = 8 batches
+    caveat = "not a proven guarantee"
+    assert caveat in report["note"] and caveat in results["note"]
+    assert caveat in capsys.readouterr().out

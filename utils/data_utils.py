@@ -232,10 +232,11 @@ class Collator:
 
 def planned_steps(num_epochs, dataset_size, expected_batch_size, sampling):
     """Poisson: ceil(epochs / q) steps, q = B / N (each record seen `epochs` times in expectation).
-    Shuffle: ceil(N / B) batches per epoch, the last one smaller."""
+    Shuffle: ceil(N / B) batches per epoch, the last one smaller (a fractional epoch count rounds
+    up to a whole batch)."""
     if sampling == "poisson":
         return math.ceil(num_epochs * dataset_size / expected_batch_size - 1e-9)
-    return num_epochs * math.ceil(dataset_size / expected_batch_size)
+    return math.ceil(num_epochs * math.ceil(dataset_size / expected_batch_size) - 1e-9)
 
 
 class StepSampler:

@@ -136,9 +136,9 @@ class PerExampleGradStore:
             raise RuntimeError(f"{name}: record count unknown (call the model given to DPGradient with input_ids)")
         if x.dim() < 3 or x.shape[0] != self.records:
             raise UserInputError(
-                f"LoRA layer {name} sees input of shape {list(x.shape)}, not [{self.records} records, tokens, "
-                "features]: its gradients would be clipped per token, not per record (an MoE expert, router or "
-                "shared expert runs on flattened tokens); leave it out of --lora_target_modules")
+                f"LoRA layer {name} gets input of shape {list(x.shape)} in a micro-batch of {self.records} records, "
+                "not [records, tokens, features]: its gradients would be clipped per token, not per record (an MoE "
+                "expert, router or shared expert runs on flattened tokens); leave it out of --lora_target_modules")
 
     def view(self, flat, param, compute_layout=False):
         """param's slice of a [P] or [n, P] tensor, shaped like the parameter (or its compute layout)."""

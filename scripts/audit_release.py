@@ -1,0 +1,135 @@
+"""Audit of everything a run publishes except the adapter: `audit_privacy.py --attack release`.
+
+A distinguishing game between two neighbouring training sets of the same size N: world 0 holds N
+ordinary records, world 1 the same records with one replaced by a canary (random vocabulary
+tokens, whose loss stays high under a model that has learnt the ordinary records). Each run trains
+with train_clm.main() in a fresh folder; the attacker reads only the output folder's JSON files
+(training log, results, report: not the adapter) and takes the largest training loss logged
+there. A threshold fixed on calibration runs of world 0 (their largest statistic) flags a run as
+"canary in"; then fresh runs of both worlds give a true and a false positive rate, and with
+Clopper-Pearson bounds at the given confidence the empirical epsilon lower bound
+
+    eps >= log((TPR_low - delta) / FPR_high)   (and the same for the complementary rates)
+
+holds for any (eps, delta)-DP release (Kairouz et al. 2015). With exact per-step losses the canary's
+step stands out and the bound exceeds the claimed epsilon; with the private loss estimate
+(`--train_loss private`, the default) it stays at chance.
+"""
+
+import glob
+import json
+import math
+import os
+import random
+import shutil
+
+from scipy import stats
+
+import train_clm
+from utils.lora_utils import load_adapter
+from utils.model_utils import load_model, load_tokenizer
+from utils.tiny_models import local_sentences
+
+PRETRAIN_STEPS = 150
+
+
+def logged_losses(run_dir):
+    """Every per-step training loss a run wrote into its output folder's JSON files."""
+    values = []
+    for path in glob.glob(os.path.join(run_dir, "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        for row in data if isinstance(data, list) else [data]:
+            values += [v for k, v in row.items() if k.endswith("train_loss") and isinstance(v, (int, float))]
+    return values
+
+
+def learned_base(model_path, records, folder, seed):
+    """The tiny model after non-private LoRA training on the ordinary records, merged: a model that
+    has learnt them, so that a canary's loss is far above theirs."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    data = os.path.join(folder + "_data.jsonl")
+    write_jsonl(data, records)
+    run = folder + "_run"
+    train_clm.main(["--train_file", data, "--model_name_or_path", model_path, "--output_dir", run,
+                    "--block_size", "64", "--per_device_train_batch_size", str(len(records)),
+                    "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,lm_head", "--lora_r", "16",
+                    "--learning_rate", "1e-2", "--max_train_steps", str(PRETRAIN_STEPS), "--seed", str(seed),
+                    "--clip_norm", "-1", "--noise_multiplier", "-1"])
+    merged = load_adapter(load_model(model_path), run).merge_and_unload()
+    merged.save_pretrained(folder)
+    load_tokenizer(model_path).save_pretrained(folder)
+    shutil.rmtree(run)
+    return folder
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for instruction, answer in records:
+            f.write(json.dumps({"instruction": instruction, "answer": answer}) + "\n")
+
+
+def clopper_pearson(k, n, confidence):
+    alpha = 1 - confidence
+    low = stats.beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    high = stats.beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return float(low), float(high)
+
+
+def epsilon_from_rates(true_pos, false_pos, n, delta, confidence):
+    """Empirical epsilon lower bound from n runs per world (both directions of the test)."""
+    # each one-sided bound holds with probability 1 - (1 - confidence) / 2: both together at `confidence`
+    tpr_low, _ = clopper_pearson(true_pos, n, confidence)
+    _, fpr_high = clopper_pearson(false_pos, n, confidence)
+    bounds = [0.0]
+    if tpr_low - delta > 0:
+        bounds.append(math.log((tpr_low - delta) / fpr_high))
+    if 1 - fpr_high - delta > 0 and tpr_low < 1:
+        bounds.append(math.log((1 - fpr_high - delta) / (1 - tpr_low)))
+    return max(bounds)
+
+
+def release_audit(args, passed_on, model_path, make_canaries):
+    """Run the game; returns the result written to output_dir/audit_release.json."""
+    tokenizer = load_tokenizer(model_path)
+    rng = random.Random(args.audit_seed)
+    ordinary = [("", s) for s in local_sentences(args.num_population)]
+    canary = ("", make_canaries(tokenizer, 1, args.canary_tokens, rng)[0])
+    base = learned_base(model_path, ordinary, os.path.join(args.output_dir, "learned_base"), args.audit_seed)
+    worlds = {0: ordinary, 1: ordinary[:-1] + [canary]}
+    seeds = iter(range(args.audit_seed * 1_000_003 + 1, args.audit_seed * 1_000_003 + 10_000_000))
+
+    def statistic(world):
+        run_dir = os.path.join(args.output_dir, "runs", f"world{world}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        data = os.path.join(args.output_dir, f"world{world}.jsonl")
+        write_jsonl(data, worlds[world])
+        train_clm.main(["--train_file", data, "--model_name_or_path", base, "--output_dir", run_dir,
+                        "--block_size", "64", "--per_device_train_batch_size", "8", "--max_train_steps", "24",
+                        "--lora_target_modules", "q_proj,v_proj", "--learning_rate", "3e-3", "--delta", repr(args.delta),
+                        "--insecure_dp_seed", str(next(seeds)), *passed_on])
+        with open(os.path.join(run_dir, "privacy_report.json")) as f:
+            report = json.load(f)
+        value = max(logged_losses(run_dir), default=-math.inf)
+        shutil.rmtree(run_dir)
+        return value, report
+
+    calibration = [statistic(0)[0] for _ in range(args.calibration_runs)]
+    threshold = max(calibration)
+    flagged, report = {0: 0, 1: 0}, None
+    for _ in range(args.num_runs):
+        for world in (0, 1):
+            value, report = statistic(world)
+            flagged[world] += value > threshold
+    bound = epsilon_from_rates(flagged[1], flagged[0], args.num_runs, args.delta, args.confidence)
+    return {
+        "attack": "release: largest training loss logged in the output folder (adapter not used)",
+        "claimed_epsilon": report.get("epsilon"), "claimed_epsilon_replace_one": report.get("epsilon_replace_one"),
+        "train_loss": report.get("train_loss"),
+        "empirical_epsilon_lower_bound": bound, "confidence": args.confidence, "delta": args.delta,
+        "dataset_size": report.get("dataset_size"), "steps": report.get("steps"),
+        "noise_multiplier": report.get("noise_multiplier"), "sampling_rate": report.get("sampling_rate"),
+        "calibration_runs": args.calibration_runs, "threshold": threshold,
+        "runs_per_world": args.num_runs, "flagged_with_canary": flagged[1], "flagged_without_canary": flagged[0],
+    }
