@@ -47,7 +47,7 @@ PRESETS = {
     "gpu-7b": dict(config=(32000, 4096, 11008, 32, 32, 32), batch=8, block=512, repeats=10, warmup=3,
                    device="cuda", dtype="bfloat16"),
 }
-VARIANTS = ("nonprivate", "dp", "opacus_hooks", "opacus_ghost")
+VARIANTS = ("nonprivate", "dp", "dp_secure", "opacus_hooks", "opacus_ghost")
 CLIP_NORM, SIGMA, LR = 1.0, 1.0, 1e-4
 MEMORY_STEPS = 3
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -160,8 +160,11 @@ class Ours(NonPrivate):
         super().__init__(model, args, **kw)
         self.randomness, self.dp = DPRandomness(), None
 
+    secure_noise = False
+
     def install(self):
-        self.dp = DPGradient(self.model, self.clip, self.sigma, self.args.batch_size, self.randomness)
+        self.dp = DPGradient(self.model, self.clip, self.sigma, self.args.batch_size, self.randomness,
+                             secure_noise=self.secure_noise)
 
     def gradient(self, batch, step):
         super().gradient(batch, step)
@@ -170,6 +173,12 @@ class Ours(NonPrivate):
 
     def remove(self):
         self.dp.detach()
+
+
+class OursSecure(Ours):
+    """The same with --secure_noise: noise from os.urandom, each value a sum of four draws."""
+
+    secure_noise = True
 
 
 class OpacusHooks(NonPrivate):
@@ -231,7 +240,8 @@ class OpacusGhost(OpacusHooks):
         self.dp_opt.pre_step()
 
 
-CLASSES = {"nonprivate": NonPrivate, "dp": Ours, "opacus_hooks": OpacusHooks, "opacus_ghost": OpacusGhost}
+CLASSES = {"nonprivate": NonPrivate, "dp": Ours, "dp_secure": OursSecure, "opacus_hooks": OpacusHooks,
+           "opacus_ghost": OpacusGhost}
 
 
 def note_failure(notes, what, err):
@@ -442,6 +452,7 @@ def main(argv=None):
         "trainable_params": sizes[1], "batch_size": args.batch_size, "block_size": args.block_size,
         "lora_r": args.lora_r, "layers": args.layers, "repeats": args.repeats, "warmup": args.warmup,
         "nonprivate_s": med["nonprivate"], "dp_s": med["dp"], "dp_over_nonprivate": ratio("dp", "nonprivate"),
+        "dp_secure_s": med.get("dp_secure"), "dp_secure_over_dp": ratio("dp_secure", "dp"),
         "opacus_hooks_s": med.get("opacus_hooks"), "opacus_hooks_over_dp": ratio("opacus_hooks", "dp"),
         "opacus_ghost_s": med.get("opacus_ghost"), "opacus_ghost_over_dp": ratio("opacus_ghost", "dp"),
         "dp_over_nonprivate_paired": statistics.median(d / n for d, n in zip(times["dp"], times["nonprivate"])),
