@@ -16,4 +16,4 @@ test: install-test
 	$(PYTHON) -m pytest -q
 
 demo: install
-	$(PYTHON) scripts/demo.py
+	$(PYTHON) -m scripts.demo

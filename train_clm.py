@@ -5,27 +5,34 @@
         --per_device_train_batch_size 4 --gradient_accumulation_steps 64 \
         --clip_norm 1 --noise_multiplier 1.2 --num_train_epochs 5 --learning_rate 3e-4
 
-Every privacy-relevant line lives in utils/ (dp_utils, accounting, data_utils' sampler).
+The script reads top to bottom: arguments, setup (data, model, privacy plan, optimizer, resume),
+the training loop, saving. Every privacy decision lives in utils/: utils/privacy.py (the plan:
+noise, accountant, budget, report), utils/dp_utils.py (per-example gradients, clipping, noise),
+utils/sampling.py (which records each step uses); docs/DESIGN.md lists the rules and their tests.
 """
 
 import argparse
 import os
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import SchedulerType
 
-from utils.checkpoint_utils import TrainingState, refuse_finished_run, resolve_checkpoint, run_folder, save_checkpoint
-from utils.data_utils import Collator, StepSampler, UserInputError, load_raw_datasets, planned_steps, tokenize_dataset
+from utils.checkpoint_utils import TrainingState, resolve_resume, save_checkpoint
+from utils.cli import UserInputError, run_cli
+from utils.data_utils import Collator, load_raw_datasets, tokenize_dataset
 from utils.dp_utils import DPGradient, DPRandomness
-from utils.fsdp_utils import assert_replicas_agree, fsdp_requested, shard_frozen_base
-from utils.lora_utils import add_lora, lora_summary, parse_target_modules, save_adapter
-from utils.model_utils import (access_token, check_block_size, disable_base_dropout, load_model, load_tokenizer,
-                               run_cli, uniform_guess_loss)
+from utils.fsdp_utils import assert_replicas_agree
+from utils.lora_utils import save_adapter
+from utils.model_setup import build_model
+from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
 from utils.privacy import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
-from utils.train_utils import evaluate, publish_outputs, train_logical_step, write_json
+from utils.sampling import make_sampler
+from utils.io_utils import publish_outputs, write_json
+from utils.train_utils import StepLog, build_optimizer, evaluate, train_logical_step, tracker_config
 
 
 def parse_args(argv=None):
@@ -40,6 +47,8 @@ def parse_args(argv=None):
     model.add_argument("--model_name_or_path", required=True)
     model.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
     model.add_argument("--gradient_ckpt", action="store_true", help="activation checkpointing (less memory, slower)")
+    model.add_argument("--load_in_4bit", action="store_true", help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4, "
+                       "bf16 products; LoRA stays float32); not with FSDP")
     model.add_argument("--lora_r", type=int, default=16)
     model.add_argument("--lora_alpha", type=float, default=16)
     model.add_argument("--lora_dropout", type=float, default=0.0)
@@ -96,173 +105,144 @@ def main(argv=None):
     args = parse_args(argv)
     log_with = (["tensorboard", "wandb"] if args.report_to == "all" else [args.report_to]) if args.with_tracking else None
     # cpu=True where no GPU exists: otherwise a multi-process launch (accelerate, torchrun) leaves
-    # every process alone in a one-process job (DESIGN.md 5)
+    # every process alone in a one-process job (docs/DESIGN.md 5)
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=log_with, project_dir=args.output_dir)
     set_seed(args.seed)
-    say = accelerator.print
+    checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # before any work
+    run = setup(args, accelerator)
+    if checkpoint:
+        resume(run, checkpoint, accelerator)
+    train(args, run, accelerator)
+    save(args, run, accelerator)
 
-    # ---- data and model ----
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+
+def setup(args, accelerator):
+    """Data, model with LoRA, sampler, privacy plan, DP gradient, optimizer: everything a run holds."""
+    say = accelerator.print
     token = access_token(args.access_token)
     tokenizer = load_tokenizer(args.model_name_or_path, token)
     raw = load_raw_datasets(args.dataset_name, args.train_file, args.validation_file, args.dataset_dir)
-    checkpoint = resolve_checkpoint_or_fail(args.resume_from_checkpoint, args.output_dir)  # before any work
-    model = load_model(args.model_name_or_path, accelerator.mixed_precision, token)
-    check_block_size(args.block_size, model)
-    dropped = {} if args.keep_base_dropout else disable_base_dropout(model)
-    if dropped:
-        say(f"base model dropout off ({', '.join(f'{k} {v:g}' for k, v in dropped.items())}); --keep_base_dropout keeps it")
+    # whole, 4-bit, or (FSDP) sharded with only this process's shards ever loaded; LoRA from --seed
+    model = build_model(args, accelerator, token, say)
     with accelerator.main_process_first():
         tokenized = {split: tokenize_dataset(ds, tokenizer, args.block_size) for split, ds in raw.items()}
-    train_set = tokenized["train"]
+    train_set, eval_set = tokenized["train"], tokenized.get("validation")
     truncated = sum(train_set["truncated"])
-    if truncated:
+    if truncated:  # console only: an exact count over the private data
         say(f"note: {truncated} of {len(train_set)} training records exceed --block_size {args.block_size} and were truncated")
-    if args.gradient_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
-                     parse_target_modules(args.lora_target_modules), seed=args.seed)
-    say(lora_summary(model))
-    if fsdp_requested(args.fsdp, accelerator):  # frozen base sharded, LoRA replicated (DESIGN.md 2.9)
-        shard_frozen_base(model, accelerator.device, accelerator)
-    else:
-        model.to(accelerator.device)
+    if eval_set is None:
+        say("note: no validation data (--validation_file or a validation split): evaluation skipped")
     model.train()
 
-    # ---- sampling, privacy plan, DP gradient ----
     randomness = DPRandomness(args.insecure_dp_seed)
-    sampler = StepSampler(len(train_set), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          accelerator.num_processes, accelerator.process_index, randomness, args.sampling)
-    planned = args.max_train_steps if args.max_train_steps is not None else planned_steps(
-        args.num_train_epochs, len(train_set), sampler.expected_batch_size, args.sampling)
-    plan = make_privacy_plan(args, len(train_set), sampler.sampling_rate, sampler.expected_batch_size, planned,
-                             uniform_guess_loss(model), say)
+    sampler = make_sampler(args.sampling, len(train_set), args.per_device_train_batch_size,
+                           args.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index,
+                           randomness)
+    plan = make_privacy_plan(args, sampler, uniform_guess_loss(model), say)
     say(plan.plan_line())
-    total_steps = plan.steps
     dp_gradient = DPGradient(model, args.clip_norm, plan.noise_multiplier if plan.private else -1,
                              sampler.expected_batch_size, randomness, loss_clip=plan.loss_clip,
                              loss_noise_multiplier=plan.loss_noise_multiplier, secure_noise=args.secure_noise,
                              accountant=plan.accountant)
-
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, args, total_steps)
-    collator = Collator(train_set, tokenizer.pad_token_id)
-    eval_set = tokenized.get("validation")
-    eval_collator = Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None
-    eval_batch = args.per_device_eval_batch_size or args.per_device_train_batch_size
-    if eval_set is None:
-        say("note: no validation data (--validation_file or a validation split): evaluation skipped")
-    if args.with_tracking:
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
-                  if k != "access_token"}
-        accelerator.init_trackers("dp_lora_finetuning", config)
-
-    # ---- resume: adapter, optimizer, scheduler, step and privacy spent so far ----
-    history, exact_history = [], []  # the released log; the curator-only exact losses (--train_loss exact)
-    state = TrainingState(model, optimizer, scheduler, plan.accountant, history)
+    optimizer, scheduler = build_optimizer(params, args, plan.steps)
+    log = StepLog(plan)
+    state = TrainingState(model, optimizer, scheduler, plan.accountant, log.history)
     state.run_facts = {"dataset_size": len(train_set), "expected_batch_size": sampler.expected_batch_size,
-                       "sampling": args.sampling, "total_steps": total_steps, "private": plan.private,
+                       "sampling": args.sampling, "total_steps": plan.steps, "private": plan.private,
                        "train_loss": plan.train_loss}
     accelerator.register_for_checkpointing(state)
-    if checkpoint:
-        try:
-            accelerator.load_state(checkpoint)
-        except ValueError as err:
-            raise UserInputError(f"--resume_from_checkpoint {checkpoint}: {err}") from None
-        say(f"resumed from {checkpoint} at step {state.step}"
-            + (f" (epsilon spent so far {plan.epsilon():.4g})" if plan.private else ""))
+    if args.with_tracking:
+        accelerator.init_trackers("dp_lora_finetuning", tracker_config(args))
+    return SimpleNamespace(model=model, params=params, sampler=sampler, plan=plan, dp_gradient=dp_gradient,
+                           optimizer=optimizer, scheduler=scheduler, state=state, log=log, eval_set=eval_set,
+                           collator=Collator(train_set, tokenizer.pad_token_id),
+                           eval_collator=Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None,
+                           eval_batch=args.per_device_eval_batch_size or args.per_device_train_batch_size)
 
-    # ---- train ----
-    def run_eval():
-        return evaluate(model, eval_set, eval_collator, eval_batch, accelerator) if eval_set is not None else {}
 
-    bar = tqdm(range(state.step, total_steps), initial=state.step, total=total_steps,
+def resume(run, checkpoint, accelerator):
+    """Adapter, optimizer, scheduler, step and privacy spent so far, from a checkpoint of this run."""
+    try:
+        accelerator.load_state(checkpoint)
+    except ValueError as err:
+        raise UserInputError(f"--resume_from_checkpoint {checkpoint}: {err}") from None
+    spent = f" (epsilon spent so far {run.plan.epsilon():.4g})" if run.plan.private else ""
+    accelerator.print(f"resumed from {checkpoint} at step {run.state.step}{spent}")
+
+
+# ---- train ----------------------------------------------------------------------------------------
+
+
+def run_eval(run, accelerator):
+    if run.eval_set is None:
+        return {}
+    return evaluate(run.model, run.eval_set, run.eval_collator, run.eval_batch, accelerator)
+
+
+def train(args, run, accelerator):
+    total, plan, say = run.plan.steps, run.plan, accelerator.print
+    bar = tqdm(range(run.state.step, total), initial=run.state.step, total=total,
                disable=not accelerator.is_local_main_process, desc="training")
-    train_loss, metrics, postfix = None, {}, {}
     for step in bar:
-        stats = train_logical_step(model, sampler.micro_batches(step), collator, dp_gradient, accelerator, step)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats = train_logical_step(run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient,
+                                   accelerator, step)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         if args.debug_sync_check and (step + 1) % args.debug_sync_check == 0:
-            assert_replicas_agree(params, step + 1)
+            assert_replicas_agree(run.params, step + 1)
         if stats.nonfinite:  # console only: the count is an exact statistic of the sample
             say(f"note: step {step + 1}: {stats.nonfinite} records had a non-finite gradient and contributed zero")
-        train_loss = stats.exact_loss if not plan.private else stats.released_loss
-        log = {"lr": scheduler.get_last_lr()[0]}
-        if train_loss is not None:
-            log["train_loss"] = train_loss
-            postfix["loss"] = f"{train_loss:.4f}"
-        if plan.train_loss == "exact" and plan.private:
-            exact_history.append({"step": step + 1, "exact_train_loss": stats.exact_loss, "records": stats.records})
-            postfix["exact loss (not private)"] = f"{stats.exact_loss:.4f}"
-        if plan.private and (step % 10 == 0 or step == total_steps - 1):
-            log["epsilon"] = plan.epsilon()
-            postfix["eps"] = f"{log['epsilon']:.3f}"
-        postfix["lr"] = f"{log['lr']:.2e}"
-        bar.set_postfix(postfix)
-        if args.eval_freq and (step + 1) % args.eval_freq == 0 and step + 1 < total_steps:
-            metrics = run_eval()
-            log.update(metrics)
+        row = run.log.add(step + 1, stats, run.scheduler.get_last_lr()[0], with_epsilon=step % 10 == 0 or step == total - 1)
+        if args.eval_freq and (step + 1) % args.eval_freq == 0 and step + 1 < total:
+            metrics = run_eval(run, accelerator)
+            row.update(metrics)
             if metrics:
                 say(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f}"
                     + (f" epsilon {plan.epsilon():.4g}" if plan.private else ""))
-        history.append({"step": step + 1, **log})
+        bar.set_postfix(run.log.postfix)
         if args.with_tracking:
-            accelerator.log(log, step=step + 1)
-        state.step = step + 1
-        if args.checkpointing_steps and state.step % args.checkpointing_steps == 0 and state.step < total_steps:
-            save_checkpoint(accelerator, args.output_dir, state.step)
+            accelerator.log(row, step=step + 1)
+        run.state.step = step + 1
+        if args.checkpointing_steps and run.state.step % args.checkpointing_steps == 0 and run.state.step < total:
+            save_checkpoint(accelerator, args.output_dir, run.state.step)
 
-    metrics = run_eval()
+
+# ---- save -----------------------------------------------------------------------------------------
+
+
+def save(args, run, accelerator):
+    """Final evaluation, then the adapter and reports, moved into output_dir at once by process 0."""
+    plan = run.plan
+    metrics = run_eval(run, accelerator)
     epsilon = plan.epsilon()
     if metrics:
-        say(f"final: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
-            f"epsilon {epsilon if epsilon is not None else 'inf'}")
+        accelerator.print(f"final: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
+                          f"epsilon {epsilon if epsilon is not None else 'inf'}")
     if args.with_tracking:
-        accelerator.log({**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}, step=total_steps)
+        accelerator.log({**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}, step=plan.steps)
         accelerator.end_training()
-
-    # ---- save (the adapter is replicated: process 0 writes it) ----
-    report = plan.report(total_steps, accelerator.num_processes)
-    results = {"train_loss": train_loss,
-               "eval_loss": metrics.get("eval_loss"), "eval_perplexity": metrics.get("eval_perplexity"),
-               "epsilon": epsilon, "epsilon_replace_one": report["epsilon_replace_one"], "steps": total_steps,
+    report = plan.report(plan.steps, accelerator.num_processes)
+    results = {"train_loss": run.log.last_released_loss, "eval_loss": metrics.get("eval_loss"),
+               "eval_perplexity": metrics.get("eval_perplexity"), "epsilon": epsilon,
+               "epsilon_replace_one": report["epsilon_replace_one"], "steps": plan.steps,
                **({"note": plan.caveat} if plan.caveat else {})}
-    dp_gradient.detach()
+    run.dp_gradient.detach()
     if accelerator.is_main_process:
         def write(folder):
-            save_adapter(model, folder)
+            save_adapter(run.model, folder)
             write_json(os.path.join(folder, "privacy_report.json"), report)
             write_json(os.path.join(folder, "all_results.json"), results)
-            write_json(os.path.join(folder, "training_log.json"), history)
-            if exact_history:
-                write_json(os.path.join(folder, EXACT_LOG_FILE), exact_history)
+            write_json(os.path.join(folder, "training_log.json"), run.log.history)
+            if run.log.exact:
+                write_json(os.path.join(folder, EXACT_LOG_FILE), run.log.exact)
         publish_outputs(args.output_dir, write)
-        say(f"saved adapter and reports to {args.output_dir}")
+        accelerator.print(f"saved adapter and reports to {args.output_dir}")
     accelerator.wait_for_everyone()
-
-
-def build_optimizer(params, args, total_steps):
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.0, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=max(total_steps, 1))
-    return optimizer, scheduler
-
-
-def resolve_checkpoint_or_fail(value, output_dir):
-    """The checkpoint folder to resume from (None: start fresh); a finished run is never resumed."""
-    if value is None:
-        return None
-    try:
-        checkpoint = resolve_checkpoint(value, output_dir)
-        for run_dir in {output_dir, run_folder(checkpoint) if checkpoint else output_dir}:
-            refuse_finished_run(run_dir)
-        return checkpoint
-    except ValueError as err:
-        raise UserInputError(str(err)) from None
 
 
 if __name__ == "__main__":

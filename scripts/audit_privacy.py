@@ -1,9 +1,9 @@
 """Empirical privacy audit of train_clm.py with one training run (Steinke, Nasr & Jagielski 2023,
 "Privacy Auditing with One (1) Training Run", arXiv:2305.08846).
 
-    python scripts/audit_privacy.py --output_dir audit_dp --target_epsilon 4      # DP on
-    python scripts/audit_privacy.py --output_dir audit_off --non_private          # DP off
-    python scripts/audit_privacy.py --output_dir audit_rel --attack release        # the logs, not the adapter
+    python -m scripts.audit_privacy --output_dir audit_dp --target_epsilon 4      # DP on
+    python -m scripts.audit_privacy --output_dir audit_off --non_private          # DP off
+    python -m scripts.audit_privacy --output_dir audit_rel --attack release        # the logs, not the adapter
 
 `--attack release` audits what the run publishes beside the adapter (scripts/audit_release.py);
 the default `--attack adapter` is the one-run audit of the trained adapter described here.
@@ -38,21 +38,17 @@ import os
 import random
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from scipy import stats
 
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
-import train_clm  # noqa: E402
-from utils.data_utils import Collator, UserInputError, tokenize_record  # noqa: E402
-from utils.dp_utils import per_record_loss  # noqa: E402
-from utils.lora_utils import load_adapter  # noqa: E402
-from utils.model_utils import load_model, load_tokenizer, run_cli  # noqa: E402
-from utils.tiny_models import build_tiny_model, local_sentences  # noqa: E402
-from audit_release import release_audit  # noqa: E402
+import train_clm
+from scripts.audit_release import release_audit
+from utils.cli import UserInputError, run_cli
+from utils.data_utils import Collator, tokenize_record
+from utils.dp_utils import per_record_loss
+from utils.lora_utils import load_adapter
+from utils.model_utils import load_model, load_tokenizer
+from utils.tiny_models import build_tiny_model, local_sentences
 
 TINY_TARGETS = "q_proj,k_proj,v_proj,o_proj,lm_head"  # a random model's output layer must adapt to memorise
 

@@ -1,10 +1,10 @@
 """Time one full LoRA training step (forward, backward, per-example work, optimizer step):
 non-private, this project's DP step, and Opacus 1.6 (`hooks`, `ghost`) as an optional peer.
 
-    python scripts/benchmark.py --preset cpu-small
-    python scripts/benchmark.py --preset cpu-medium --json out.json
-    python scripts/benchmark.py --preset smollm2              # needs: python scripts/prepare_model.py
-    python scripts/benchmark.py --preset gpu-7b --layers 8    # on a GPU machine
+    python -m scripts.benchmark --preset cpu-small
+    python -m scripts.benchmark --preset cpu-medium --json out.json
+    python -m scripts.benchmark --preset smollm2              # needs: python -m scripts.prepare_model
+    python -m scripts.benchmark --preset gpu-7b --layers 8    # on a GPU machine
 
 Every variant runs on the same PEFT LoRA model (same adapter, same frozen weights), the same
 micro-batch and the same per-record loss (utils.dp_utils.per_record_loss: each record's mean over
@@ -33,10 +33,10 @@ import time
 
 import torch
 
+from utils.dp_utils import DPGradient, DPRandomness, per_record_loss
+from utils.lora_utils import add_lora
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-from utils.dp_utils import DPGradient, DPRandomness, per_record_loss  # noqa: E402
-from utils.lora_utils import add_lora  # noqa: E402
 
 # config: vocab, hidden, intermediate, layers, heads, kv heads (random Llama built in-process)
 PRESETS = {
@@ -167,9 +167,8 @@ class Ours(NonPrivate):
                              secure_noise=self.secure_noise)
 
     def gradient(self, batch, step):
-        super().gradient(batch, step)
-        self.dp.accumulate_micro_batch()
-        self.dp.finish_step(step)
+        losses, counts = per_record_loss(logits_of(self.model, batch, self.args), batch["labels"])
+        self.dp.logical_step([(losses, counts)], step)
 
     def remove(self):
         self.dp.detach()
@@ -405,7 +404,7 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     skip = None
     if "path" in preset and not os.path.exists(os.path.join(preset["path"], "config.json")):
-        skip = f"{preset['path']} is missing; build it with: python scripts/prepare_model.py"
+        skip = f"{preset['path']} is missing; build it with: python -m scripts.prepare_model"
     elif args.device == "cuda" and not torch.cuda.is_available():
         skip = "needs a CUDA GPU; none found"
     if skip:

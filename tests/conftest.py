@@ -2,18 +2,15 @@
 
 import json
 import os
-import sys
 
 import pytest
-import torch
+
+from utils.tiny_models import build_tiny_model, local_sentences  # noqa: F401 (local_sentences: for the tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from utils.tiny_models import build_tiny_model, local_sentences  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -168,7 +168,7 @@ def test_privacy_accountant_caches_per_step_count(monkeypatch):
     acc.steps = 50
     first = acc.epsilon()
     assert acc.epsilon() == acc.epsilon(50) == first
-    assert calls == [(1.0, 0.01, 50, 1e-5, "add_remove")]
+    assert calls == [(1.0, 0.01, 50, 1e-5, "add_remove", "pld")]
     acc.step()
     acc.epsilon()
     assert len(calls) == 2  # a new step count is a new computation

@@ -3,23 +3,15 @@
 With clipping and noise off the audit must find clear leakage (the attack has power); with DP on
 its lower bound must stay below the epsilon the run claims."""
 
-import importlib.util
 import json
 import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-spec = importlib.util.spec_from_file_location("audit_privacy", os.path.join(ROOT, "scripts", "audit_privacy.py"))
-audit = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(audit)
+from scripts import audit_privacy as audit
+from scripts import audit_release
 
 
 # ---- the bound itself ----
@@ -94,8 +86,6 @@ def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
 # ---- the release beside the adapter: logged training losses ----
 
 def test_release_audit_bound_from_rates():
-    import audit_release
-
     assert audit_release.epsilon_from_rates(5, 5, 10, 1e-5, 0.95) == 0.0
     p = 0.025 ** (1 / 100)  # one-sided Clopper-Pearson bounds at 97.5% each for 100 of 100 and 0 of 100
     assert audit_release.epsilon_from_rates(100, 0, 100, 0.0, 0.95) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)

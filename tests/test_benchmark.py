@@ -1,22 +1,13 @@
 """Smoke test of scripts/benchmark.py: it runs and writes its JSON. Timings are never asserted."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import benchmark
 
 
 def test_benchmark_cpu_small_writes_all_keys(tmp_path):
     out = tmp_path / "out.json"
-    assert load_benchmark().main(["--preset", "cpu-small", "--repeats", "1", "--warmup", "1", "--check",
+    assert benchmark.main(["--preset", "cpu-small", "--repeats", "1", "--warmup", "1", "--check",
                                   "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["preset"] == "cpu-small" and result["threads"] >= 1 and result["torch"]

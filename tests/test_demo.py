@@ -24,7 +24,7 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--model_name_or_path", tiny_llama,
+        [sys.executable, "-m", "scripts.demo", "--model_name_or_path", tiny_llama,
          "--dataset_dir", str(tmp_path / "pubmed"), "--output_dir", str(out),
          "--val_records", "8", "--steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--block_size", "32",
          "--num_samples", "2", "--max_new_tokens", "8"],

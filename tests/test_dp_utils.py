@@ -115,10 +115,7 @@ def test_masked_dummy_record_changes_nothing(tiny_llama):
 
 def run_step(model, collate, micro_batches, clip_norm, sigma, batch_size, randomness=None, step=0):
     dp = DPGradient(model, clip_norm, sigma, batch_size, randomness)
-    for mb in micro_batches:
-        loss_of(model, collate(mb)).sum().backward()
-        dp.accumulate_micro_batch()
-    dp.finish_step(step)
+    dp.logical_step(((loss_of(model, collate(mb)), None) for mb in micro_batches), step)
     grads = [p.grad.detach().clone() for p in dp.params]
     model.zero_grad(set_to_none=True)
     dp.detach()

@@ -108,9 +108,7 @@ def test_family_defaults_dp_step_and_peft_loading(family, tokenizer, tiny_llama,
     norms = torch.stack([flat(g) for g in zip(*reference)]).norm(dim=1)
     clip = float(norms.median())  # some records clipped, some not
     dp = DPGradient(model, clip, 0.0, len(indices))
-    loss_of(model, collate(indices)).sum().backward()
-    dp.accumulate_micro_batch()
-    dp.finish_step(0)
+    dp.logical_step([(loss_of(model, collate(indices)), None)], 0)
     scale = (clip / (norms + 1e-6)).clamp(max=1.0)
     for p, ref in zip(dp.params, reference):
         expected = (ref * scale.view(-1, *[1] * (ref.dim() - 1))).sum(0) / len(indices)

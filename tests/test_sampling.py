@@ -1,17 +1,17 @@
-"""Poisson sampling (DESIGN.md 2.5): inclusion rate, agreement across processes, capacity, dummies."""
+"""Poisson sampling (docs/DESIGN.md 2.5): inclusion rate, agreement across processes, capacity, dummies."""
 
 import math
 
 import torch
 
 from test_dp_utils import RECORDS, batch_of, flat, lora_model, run_step
-from utils.data_utils import StepSampler, planned_steps
 from utils.dp_utils import DPRandomness
+from utils.sampling import PoissonSampler, make_sampler
 
 
 def samplers(n, per_device, accumulation, processes, seed=7, sampling="poisson"):
     randomness = DPRandomness(insecure_seed=seed)
-    return [StepSampler(n, per_device, accumulation, processes, p, randomness, sampling) for p in range(processes)]
+    return [make_sampler(sampling, n, per_device, accumulation, processes, p, randomness) for p in range(processes)]
 
 
 def test_inclusion_rate_matches_q_and_batch_size_varies():
@@ -57,9 +57,9 @@ def test_draw_exceeding_capacity_gets_more_micro_batches():
 
 def test_sampling_is_not_reproducible_from_training_seed_but_is_from_dp_seed():
     torch.manual_seed(0)
-    a = StepSampler(1000, 4, 1, 1, 0, DPRandomness()).step_indices(0)
+    a = PoissonSampler(1000, 4, 1, 1, 0, DPRandomness()).step_indices(0)
     torch.manual_seed(0)
-    b = StepSampler(1000, 4, 1, 1, 0, DPRandomness()).step_indices(0)
+    b = PoissonSampler(1000, 4, 1, 1, 0, DPRandomness()).step_indices(0)
     assert a != b
     assert samplers(1000, 4, 1, 1, seed=3)[0].step_indices(5) == samplers(1000, 4, 1, 1, seed=3)[0].step_indices(5)
 
@@ -74,14 +74,14 @@ def test_draw_depends_on_seed_and_step_only_not_process_count():
 
 def test_shuffle_covers_each_record_once_per_epoch():
     sampler = samplers(10, per_device=2, accumulation=2, processes=1, sampling="shuffle")[0]
-    assert planned_steps(1, 10, 4, "shuffle") == 3
+    assert sampler.planned_steps(1) == 3
     epoch = [i for step in range(3) for i in sampler.step_indices(step)]
     assert sorted(epoch) == list(range(10))
 
 
 def test_planned_poisson_steps():
-    assert planned_steps(5, 75_316, 2048, "poisson") == 184
-    assert planned_steps(1, 64, 8, "poisson") == 8
+    assert PoissonSampler(75_316, 2048, 1, 1, 0, None).planned_steps(5) == 184
+    assert PoissonSampler(64, 4, 2, 1, 0, None).planned_steps(1) == 8
 
 
 def test_dummy_padding_and_realised_batch_size_do_not_enter_the_update(tiny_llama):

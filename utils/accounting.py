@@ -87,11 +87,17 @@ def _check_relation(relation):
     return relation
 
 
+# name -> (what reports call it, epsilon(sigma, q, steps, delta, relation)): every sampler today
+# composes the Poisson-subsampled Gaussian, so another accountant (RDP, PRV) is one more entry here.
+ACCOUNTANTS = {"pld": (ACCOUNTANT_NAME, _pld_epsilon)}
+
+
 def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                    relation: str = "add_remove") -> float:
-    """Epsilon (PLD, an upper bound tight to ~1e-4 relative) after `steps` Poisson-subsampled
+                    relation: str = "add_remove", accountant: str = "pld") -> float:
+    """Epsilon (PLD: an upper bound tight to ~1e-4 relative) after `steps` Poisson-subsampled
     Gaussian steps. steps == 0 -> 0.0; noise_multiplier == 0 -> inf; sampling_rate 1 allowed."""
-    return _epsilon(_pld_epsilon, noise_multiplier, sampling_rate, steps, delta, _check_relation(relation))
+    return _epsilon(ACCOUNTANTS[accountant][1], noise_multiplier, sampling_rate, steps, delta,
+                    _check_relation(relation))
 
 
 def compute_epsilon_rdp(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
@@ -154,7 +160,7 @@ def _solve(eps, target, hi):
 
 
 def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
-                                 relation: str = "add_remove") -> float:
+                                 relation: str = "add_remove", accountant: str = "pld") -> float:
     """Smallest sigma (to 0.1%) whose PLD epsilon over `steps` steps is <= target_epsilon: the
     returned sigma has compute_epsilon in [0.999 * target, target]. Deterministic."""
     _, q, steps, delta = _check(1.0, sampling_rate, steps, delta)
@@ -164,10 +170,10 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
     if steps == 0 or q == 0:
         raise ValueError("--target_epsilon needs at least one planned step with a positive sampling rate")
     target = float(target_epsilon)
-    pld_eps = lambda sigma: _pld_epsilon(sigma, q, steps, delta, relation)  # noqa: E731
+    eps_of = lambda sigma: ACCOUNTANTS[accountant][1](sigma, q, steps, delta, relation)  # noqa: E731
     rdp_eps = lambda sigma: _rdp_epsilon(sigma, q, steps, delta, _BRACKET_ORDERS)  # noqa: E731
     rdp_bound_applies = relation == "add_remove"  # RDP bounds the add/remove PLD from above
-    if (not rdp_bound_applies or rdp_eps(_SIGMA_MAX) > target) and pld_eps(_SIGMA_MAX) > target:
+    if (not rdp_bound_applies or rdp_eps(_SIGMA_MAX) > target) and eps_of(_SIGMA_MAX) > target:
         raise ValueError(f"--target_epsilon {target:g} is unreachable: it would need a noise multiplier "
                          f"above {_SIGMA_MAX:g} for {steps} steps at sampling rate {q:g}")
     if rdp_eps(_SIGMA_MIN) <= target:  # RDP is an upper bound, so PLD agrees
@@ -181,9 +187,9 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
         lo, hi = (lo, mid) if rdp_eps(mid) <= target else (mid, hi)
     # dp_accounting's RDP has no replace-one Poisson event. Replace-one epsilon is at least the
     # add/remove one, so `lo` still bounds sigma from below; widen `hi` under PLD until it suffices.
-    while relation != "add_remove" and hi < _SIGMA_MAX and pld_eps(hi) > target:
+    while relation != "add_remove" and hi < _SIGMA_MAX and eps_of(hi) > target:
         hi = min(2 * hi, _SIGMA_MAX)
-    sigma = _solve(pld_eps, target, hi)
+    sigma = _solve(eps_of, target, hi)
     if sigma is None:
         raise ValueError(f"--target_epsilon {target:g} could not be calibrated for {steps} steps at "
                          f"sampling rate {q:g}")
@@ -205,9 +211,12 @@ class PrivacyAccountant:
     `relation` is the neighbouring relation of `epsilon()` by default (the one the budget guard
     uses); the other relation's figure is one argument away."""
 
-    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float, relation: str = "add_remove"):
+    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float, relation: str = "add_remove",
+                 accountant: str = "pld"):
         self.noise_multiplier, self.sampling_rate, _, self.delta = _check(noise_multiplier, sampling_rate, 0, delta)
         self.relation = _check_relation(relation)
+        self.accountant = accountant
+        self.name = ACCOUNTANTS[accountant][0]
         self.steps = 0  # set it directly to resume
         self._cache = {}
 
@@ -220,7 +229,8 @@ class PrivacyAccountant:
         relation = relation or self.relation
         key = (self.noise_multiplier, self.sampling_rate, self.delta, steps, relation)  # all of it: attributes are plain
         if key not in self._cache:
-            self._cache[key] = compute_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta, relation)
+            self._cache[key] = compute_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta, relation,
+                                               self.accountant)
         return self._cache[key]
 
     def steps_within(self, target_epsilon: float, planned: int) -> int:

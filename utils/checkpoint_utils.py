@@ -12,6 +12,8 @@ import shutil
 
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from utils.cli import UserInputError
+
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -94,6 +96,20 @@ def latest_checkpoint(output_dir):
     root = checkpoint_root(output_dir)
     steps = [int(m.group(1)) for m in map(_NAME.match, os.listdir(root) if os.path.isdir(root) else []) if m]
     return os.path.join(root, f"step_{max(steps)}") if steps else None
+
+
+def resolve_resume(value, output_dir):
+    """--resume_from_checkpoint -> the checkpoint folder (None: start fresh). A finished run, in
+    output_dir or the folder the checkpoint belongs to, is never resumed."""
+    if value is None:
+        return None
+    try:
+        checkpoint = resolve_checkpoint(value, output_dir)
+        for folder in {output_dir, run_folder(checkpoint) if checkpoint else output_dir}:
+            refuse_finished_run(folder)
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+    return checkpoint
 
 
 def resolve_checkpoint(value, output_dir):

@@ -1,22 +1,19 @@
-"""Data: instruction/answer records, prompt format, label masking, collator, samplers.
+"""Data: instruction/answer records, prompt format, label masking, collator (samplers: utils/sampling.py).
 
 Privacy unit = one record = one sequence (DESIGN.md 2.1): records are never packed together.
 """
 
 import codecs
 import json
-import math
 import os
 
 import datasets
 import torch
 
+from utils.cli import UserInputError
+
 PUBMED_PROMPT = "Abstract:"
 DEFAULT_PUBMED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pubmed_dataset")
-
-
-class UserInputError(ValueError):
-    """Bad input from the user: reported as one line, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,61 +220,3 @@ class Collator:
             attention[k, : len(ids)] = 1
             labels[k, r["prompt_len"]: len(ids)] = ids[r["prompt_len"]:]
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling: which records form each logical step, and how they split into micro-batches
-# ----------------------------------------------------------------------------------------------
-
-
-def planned_steps(num_epochs, dataset_size, expected_batch_size, sampling):
-    """Poisson: ceil(epochs / q) steps, q = B / N (each record seen `epochs` times in expectation).
-    Shuffle: ceil(N / B) batches per epoch, the last one smaller (a fractional epoch count rounds
-    up to a whole batch)."""
-    if sampling == "poisson":
-        return math.ceil(num_epochs * dataset_size / expected_batch_size - 1e-9)
-    return math.ceil(num_epochs * math.ceil(dataset_size / expected_batch_size) - 1e-9)
-
-
-class StepSampler:
-    """The records of each logical step, split into this process's micro-batches.
-
-    poisson: each record joins step t independently with probability q = B / N, drawn from the DP
-    generator for (seed, t) so every process sees the same draw. shuffle: fixed-size batches of a
-    per-epoch permutation (then epsilon is a Poisson figure, not a guarantee for shuffling).
-
-    Each process gets every P-th sampled record, cut into micro-batches of at most
-    `per_device_batch_size`; every process runs the same number K >= accumulation_steps of
-    micro-batches (empty ones hold one masked dummy record), so collective operations stay in step
-    even when a draw exceeds the nominal capacity."""
-
-    def __init__(self, dataset_size, per_device_batch_size, accumulation_steps, num_processes,
-                 process_index, randomness, sampling="poisson"):
-        self.n = dataset_size
-        self.per_device = per_device_batch_size
-        self.accumulation_steps = accumulation_steps
-        self.num_processes = num_processes
-        self.process_index = process_index
-        self.randomness = randomness
-        self.sampling = sampling
-        self.expected_batch_size = per_device_batch_size * accumulation_steps * num_processes
-        self.sampling_rate = min(1.0, self.expected_batch_size / dataset_size)
-
-    def step_indices(self, step):
-        """All records of logical step `step` (the same list on every process)."""
-        if self.sampling == "poisson":
-            gen = self.randomness.generator("sample", step)
-            return (torch.rand(self.n, generator=gen) < self.sampling_rate).nonzero().flatten().tolist()
-        per_epoch = math.ceil(self.n / self.expected_batch_size)
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(self.n, generator=self.randomness.generator("shuffle", epoch)).tolist()
-        return perm[k * self.expected_batch_size:(k + 1) * self.expected_batch_size]
-
-    def micro_batches(self, step):
-        """This process's micro-batches for `step`: lists of record indices (possibly empty)."""
-        chosen = self.step_indices(step)
-        share = chosen[self.process_index::self.num_processes]
-        largest_share = math.ceil(len(chosen) / self.num_processes)
-        count = max(self.accumulation_steps, math.ceil(largest_share / self.per_device))
-        batches = [share[i * self.per_device:(i + 1) * self.per_device] for i in range(count)]
-        return batches

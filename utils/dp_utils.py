@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError
+from utils.dist_utils import rank, world_size
 
 # ----------------------------------------------------------------------------------------------
 # Per-example gradients, one small function per layer type (registered in PER_EXAMPLE_FORWARDS)
@@ -234,7 +235,7 @@ class DPRandomness:
 
 
 def _broadcast_int(value):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return value
     obj = [value]
     dist.broadcast_object_list(obj, src=0)
@@ -249,10 +250,10 @@ def _broadcast_int(value):
 class DPGradient:
     """Turns micro-batch backward passes into the DP (or non-private) gradient of one logical step.
 
-    Usage per logical step: for each micro-batch, backward the *sum* of per-record losses (each
-    record normalised by its own label-token count), then call `accumulate_micro_batch(losses)`;
-    finally `finish_step(step)` writes (S + Z) / B into `param.grad` and returns the step's
-    `StepStats`.
+    Usage per logical step: `logical_step(micro_batch_losses, step)`, or by hand: for each
+    micro-batch, backward the *sum* of per-record losses (each record normalised by its own
+    label-token count), then `accumulate_micro_batch(losses, counts)`; finally `finish_step(step)`
+    writes (S + Z) / B into `param.grad` and returns the step's `StepStats`.
 
     With `loss_clip` L set, the step also releases a private training loss: each record's loss
     clipped to [0, L] (non-finite: L), summed over the same sample, plus one draw of
@@ -406,18 +407,28 @@ class DPGradient:
 
     # -- per logical step ---------------------------------------------------------------------
 
+    def logical_step(self, micro_batch_losses, step):
+        """The whole step: for each micro-batch's (losses, counts) (its forward runs as the iterable
+        yields it), backward of the sum of per-record losses and clipped accumulation; then
+        finish_step. Training, benchmarks and checks share this one driver."""
+        for losses, counts in micro_batch_losses:
+            # the sum of per-record losses: each record's gradient is its own, unscaled by the others
+            losses.sum().backward()
+            self.accumulate_micro_batch(losses, counts)
+        return self.finish_step(step)
+
     def finish_step(self, step):
         """Sum over processes, add one noise draw, divide by B, write into param.grad; returns the
         step's StepStats (its `released_loss` is private; every other field is console-only)."""
         flat, self.summed = self.summed, self._new_sum()  # param.grad will be views of `flat`
         stats, self.stats = self.stats, self._new_stats()
-        if self.private and _rank() == 0:
+        if self.private and rank() == 0:
             # one draw for the whole job: only process 0 adds noise, before the sum
             if self.noise_multiplier > 0:
                 flat += self._noise(flat.shape, self.noise_multiplier * self.clip_norm, "noise", step, flat)
             if self.loss_clip is not None and self.loss_noise_multiplier > 0:
                 stats[:1] += self._noise((1,), self.loss_noise_multiplier * self.loss_clip, "loss_noise", step, stats)
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         flat /= self.expected_batch_size
@@ -469,13 +480,6 @@ def secure_gaussian(shape, std, dtype=torch.float32, device="cpu"):
     return (normals.sum(0) * (std / 2)).view(shape).to(device=device, dtype=dtype)
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 
 # ----------------------------------------------------------------------------------------------
 # Per-record loss
@@ -496,9 +500,3 @@ def per_record_loss(logits, labels):
     ).view(shift_labels.shape)
     counts = (shift_labels != -100).sum(1)
     return token_loss.sum(1) / counts.clamp(min=1), counts
-
-
-def clip_factor_bound_ok(norms, clip_norm):
-    """True when every clipped norm min(1, C/||g||) * ||g|| is at most C (used in tests and debug)."""
-    clipped = norms * (clip_norm / (norms + 1e-6)).clamp(max=1.0)
-    return bool((clipped <= clip_norm * (1 + 1e-6)).all()) and not math.isnan(float(norms.sum()))

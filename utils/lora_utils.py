@@ -124,10 +124,6 @@ def lora_summary(model):
     return f"LoRA on {len(layers)} layers ({listed}): {params:,} trainable parameters"
 
 
-def lora_parameters(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def save_adapter(model, output_dir):
     """PEFT adapter files (adapter_config.json + adapter_model.safetensors) and lora_weights.bin.
 

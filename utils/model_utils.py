@@ -2,13 +2,11 @@
 
 import math
 import os
-import sys
-import traceback
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError, run_cli  # noqa: F401 (run_cli: its former home)
 
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +51,49 @@ def load_model(name, mixed_precision="no", token=None):
     return model
 
 
+BNB_VERSION = "0.50.2"  # the version the 4-bit path was tested with (README: 4-bit bases)
+
+
+def bnb_4bit_config(compute_dtype=torch.bfloat16):
+    """QLoRA's quantisation: NF4 weights with double quantisation, products in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_4bit_backend(device):
+    """bitsandbytes installed and able to run an NF4 layer on `device`, else a one-line error:
+    better now than after the data is tokenised and the whole base is quantised."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserInputError(f"--load_in_4bit needs bitsandbytes: pip install bitsandbytes=={BNB_VERSION}") from None
+    try:
+        layer = bnb.nn.Linear4bit(64, 8, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer = layer.to(device)
+        layer(torch.ones(1, 64, device=device, dtype=torch.bfloat16))
+    except Exception as err:  # the backends raise many types: all mean "cannot run here"
+        raise UserInputError(f"--load_in_4bit: bitsandbytes {bnb.__version__} cannot run 4-bit layers on "
+                             f"{torch.device(device).type} ({_first_line(err)})") from None
+
+
+def load_model_4bit(name, mixed_precision="no", token=None, device="cpu"):
+    """The base quantised to NF4 on `device` while it loads (bitsandbytes); the layers it does not
+    quantise (embeddings, norms, output layer) in the mixed-precision dtype or float32, as
+    `load_model`. LoRA adapters added later stay float32."""
+    check_model_path(name)
+    check_4bit_backend(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=PRECISION_DTYPES[mixed_precision], token=token,
+                                                     quantization_config=bnb_4bit_config(),
+                                                     device_map={"": torch.device(device)})
+    except (OSError, ValueError, ImportError) as err:
+        raise UserInputError(f"--model_name_or_path {name}: cannot load the model in 4 bits ({_first_line(err)})") from None
+    model.config.use_cache = False
+    return model
+
+
 def disable_base_dropout(model):
     """Every dropout of the base model set to 0: the config's rates, nn.Dropout modules and the
     float rates attention layers keep for functional dropout (Llama's attention_dropout, OPT's
@@ -88,17 +129,3 @@ def uniform_guess_loss(model):
 def _first_line(err):
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-
-
-def run_cli(main):
-    """Run a script's main(): bad input becomes one line on stderr and exit status 2."""
-    try:
-        main()
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)

@@ -15,9 +15,10 @@ curator-only debugging mode whose file says NOT_PRIVATE and whose report says so
 import dataclasses
 import math
 
-from utils.accounting import (ACCOUNTANT_NAME, PrivacyAccountant, check_delta, compute_epsilon_rdp,
+from utils.accounting import (ACCOUNTANTS, PrivacyAccountant, check_delta, compute_epsilon_rdp,
                               effective_noise_multiplier, noise_multiplier_for_epsilon)
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError
+from utils.sampling import SAMPLERS
 
 # sigma_loss / sigma. Releasing the loss beside the gradient lowers the effective noise multiplier
 # to sigma / sqrt(1 + ratio^-2); for the same epsilon the gradient's own noise must grow by that
@@ -27,8 +28,6 @@ LOSS_NOISE_RATIO = 3.2
 
 TRAIN_LOSS_MODES = ("private", "off", "exact")
 EXACT_LOG_FILE = "training_log.NOT_PRIVATE_exact_losses.json"
-SHUFFLE_CAVEAT = ("epsilon is computed for Poisson sampling; this run used shuffled fixed-size batches, "
-                  "for which it is not a proven guarantee")
 
 
 def add_privacy_args(parser):
@@ -37,9 +36,12 @@ def add_privacy_args(parser):
     privacy.add_argument("--noise_multiplier", type=float, default=None, help="sigma of the gradient (<0: non-private)")
     privacy.add_argument("--target_epsilon", type=float, default=None, help="solve sigma for this epsilon over the planned steps")
     privacy.add_argument("--delta", type=float, default=1e-7)
+    privacy.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default="pld",
+                         help="pld: dp-accounting's privacy loss distribution (tight upper bound)")
     privacy.add_argument("--neighboring_relation", choices=["add_remove", "replace_one"], default="add_remove",
                          help="the relation --target_epsilon and the budget guard use (both epsilons are reported)")
-    privacy.add_argument("--sampling", choices=["poisson", "shuffle"], default="poisson")
+    privacy.add_argument("--sampling", choices=sorted(SAMPLERS), default="poisson",
+                         help="poisson: the accounted mechanism; shuffle: fixed-size batches (epsilon then assumes Poisson)")
     privacy.add_argument("--train_loss", choices=TRAIN_LOSS_MODES, default="private",
                          help="training loss in the release: a DP estimate (private), none (off), or exact "
                               f"(curator-only debugging: written to {EXACT_LOG_FILE}, not covered by epsilon)")
@@ -86,6 +88,7 @@ class PrivacyPlan:
     expected_batch_size: int
     dataset_size: int
     args: object
+    sampling_caveat: str | None = None
     accountant: PrivacyAccountant | None = None
 
     @property
@@ -102,9 +105,7 @@ class PrivacyPlan:
             return "non-private training: epsilon is infinite"
         if self.noise_multiplier == 0:
             return "noise multiplier 0: clipping only, epsilon is infinite"
-        if self.args.sampling == "shuffle":
-            return SHUFFLE_CAVEAT
-        return None
+        return self.sampling_caveat
 
     def epsilon(self, steps=None, relation=None):
         """Epsilon after `steps` (default: the steps taken so far); None when non-private."""
@@ -145,7 +146,7 @@ class PrivacyPlan:
             "expected_batch_size": self.expected_batch_size,
             "dataset_size": self.dataset_size,
             "steps": steps,
-            "accountant": ACCOUNTANT_NAME if private else None,
+            "accountant": self.accountant.name if private else None,
             "num_processes": num_processes,
             "noise_source": noise_source(a),
         }
@@ -160,27 +161,32 @@ def noise_source(args):
     return "os cryptographic generator, sum of 4 draws (--secure_noise)" if args.secure_noise else "os-seeded generator"
 
 
-def make_privacy_plan(args, dataset_size, sampling_rate, expected_batch_size, planned, default_loss_clip, say=print):
-    """Validate against the data, calibrate sigma, apply the budget guard; the run's PrivacyPlan."""
+def make_privacy_plan(args, sampler, default_loss_clip, say=print):
+    """Validate against the data, calibrate sigma, apply the budget guard; the run's PrivacyPlan.
+
+    The sampler states the sampling rate q the accountant composes, the planned steps and its
+    caveat; default_loss_clip is L when --loss_clip is not given."""
     private = args.clip_norm > 0
+    dataset_size, sampling_rate, expected_batch_size = sampler.n, sampler.sampling_rate, sampler.expected_batch_size
+    planned = args.max_train_steps if args.max_train_steps is not None else sampler.planned_steps(args.num_train_epochs)
     train_loss = args.train_loss if private else "exact"  # nothing is private without clipping and noise
     loss_clip = (args.loss_clip or default_loss_clip) if train_loss == "private" else None
     plan = PrivacyPlan(private, args.noise_multiplier, None, loss_clip, train_loss, planned, sampling_rate,
-                       expected_batch_size, dataset_size, args)
+                       expected_batch_size, dataset_size, args, sampler.caveat)
     if not private:
         return plan
     try:
         check_delta(args.delta, dataset_size)
         if args.target_epsilon is not None:
             effective = noise_multiplier_for_epsilon(args.target_epsilon, sampling_rate, planned, args.delta,
-                                                     args.neighboring_relation)
+                                                     args.neighboring_relation, args.accountant)
             plan.noise_multiplier = effective * math.sqrt(1 + LOSS_NOISE_RATIO ** -2) if train_loss == "private" else effective
     except ValueError as err:
         raise UserInputError(str(err)) from None
     if train_loss == "private":
         plan.loss_noise_multiplier = LOSS_NOISE_RATIO * plan.noise_multiplier
     plan.accountant = PrivacyAccountant(plan.effective_noise_multiplier, sampling_rate, args.delta,
-                                        args.neighboring_relation)
+                                        args.neighboring_relation, args.accountant)
     if args.target_epsilon is not None:  # defence in depth: never step past the budget
         allowed = plan.accountant.steps_within(args.target_epsilon, planned)
         if allowed < planned:

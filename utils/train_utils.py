@@ -1,14 +1,13 @@
-"""The training step, evaluation and output writing used by train_clm.py."""
+"""The training step, what each step publishes, evaluation, the optimizer and output writing used by
+train_clm.py."""
 
-import json
 import math
-import os
-import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
+from transformers import get_scheduler
 
+from utils.dist_utils import world_size
 from utils.dp_utils import per_record_loss
 
 
@@ -25,17 +24,60 @@ def forward_losses(model, batch, accelerator):
 def train_logical_step(model, micro_batches, collator, dp_gradient, accelerator, step):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
     in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
-    for indices in micro_batches:
-        batch = _to_device(collator(indices), accelerator.device)
-        losses, counts = forward_losses(model, batch, accelerator)
-        # the sum of per-record losses: each record's gradient is its own, unscaled by the others
-        losses.sum().backward()
-        dp_gradient.accumulate_micro_batch(losses, counts)
-    return dp_gradient.finish_step(step)
+    batches = (forward_losses(model, _to_device(collator(indices), accelerator.device), accelerator)
+               for indices in micro_batches)
+    return dp_gradient.logical_step(batches, step)
+
+
+class StepLog:
+    """What each step publishes (`history`: training_log.json and the tracker) and what only the
+    console sees (`postfix`, the progress bar; `exact`: --train_loss exact's curator-only file).
+
+    A private run publishes its DP loss estimate; a non-private run (epsilon infinite) its exact
+    loss; `--train_loss exact` keeps exact losses out of the history, in their own file."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.history, self.exact, self.postfix = [], [], {}
+        self.last_released_loss = None
+
+    def add(self, step, stats, lr, with_epsilon):
+        plan = self.plan
+        row = {"step": step, "lr": lr}
+        loss = stats.released_loss if plan.private else stats.exact_loss
+        if loss is not None:
+            row["train_loss"] = self.last_released_loss = loss
+            self.postfix["loss"] = f"{loss:.4f}"
+        if plan.private and plan.train_loss == "exact":
+            self.exact.append({"step": step, "exact_train_loss": stats.exact_loss, "records": stats.records})
+            self.postfix["exact loss (not private)"] = f"{stats.exact_loss:.4f}"
+        if plan.private and with_epsilon:
+            row["epsilon"] = plan.epsilon()
+            self.postfix["eps"] = f"{row['epsilon']:.3f}"
+        self.postfix["lr"] = f"{lr:.2e}"
+        self.history.append(row)
+        return row
+
+
+def build_optimizer(params, args, total_steps):
+    """AdamW (or plain SGD) over the LoRA parameters, with the requested learning-rate schedule."""
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.0, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+                              num_training_steps=max(total_steps, 1))
+    return optimizer, scheduler
+
+
+def tracker_config(args):
+    """The run's arguments for the tracker: public configuration, the access token left out."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+            if k != "access_token"}
 
 
 def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         reduced = tensor.to(device)
         dist.all_reduce(reduced)
@@ -59,23 +101,3 @@ def evaluate(model, dataset, collator, batch_size, accelerator):
     totals = all_reduce_sum(totals)
     loss = float(totals[0] / totals[1].clamp(min=1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
-
-
-def write_json(path, data):
-    """Write-then-rename, so a crash never leaves a half-written file that looks complete."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def publish_outputs(output_dir, write_files):
-    """Write outputs into a scratch folder, then move them into output_dir at once."""
-    os.makedirs(output_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".incomplete-", dir=output_dir)
-    try:
-        write_files(scratch)
-        for name in sorted(os.listdir(scratch)):
-            os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Which records form each logical step, and how they split into micro-batches (docs/DESIGN.md 2.5).
+
+Each sampler states what the privacy plan needs: its sampling rate q (the accountant composes the
+Poisson-subsampled Gaussian at that rate), its planned steps for a number of epochs, and the
+caveat every report must carry when its epsilon is not a proven guarantee for it. A new sampler is
+one class registered in SAMPLERS.
+"""
+
+import math
+
+import torch
+
+SHUFFLE_CAVEAT = ("epsilon is computed for Poisson sampling; this run used shuffled fixed-size batches, "
+                  "for which it is not a proven guarantee")
+
+
+class StepSampler:
+    """The records of each logical step, split into this process's micro-batches.
+
+    Each process gets every P-th chosen record, cut into micro-batches of at most
+    `per_device_batch_size`; every process runs the same number K >= accumulation_steps of
+    micro-batches (empty ones hold one masked dummy record), so collective operations stay in step
+    even when a draw exceeds the nominal capacity."""
+
+    name = None
+    caveat = None
+
+    def __init__(self, dataset_size: int, per_device_batch_size: int, accumulation_steps: int, num_processes: int,
+                 process_index: int, randomness):
+        self.n = dataset_size
+        self.per_device = per_device_batch_size
+        self.accumulation_steps = accumulation_steps
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.randomness = randomness
+        self.expected_batch_size = per_device_batch_size * accumulation_steps * num_processes
+        self.sampling_rate = min(1.0, self.expected_batch_size / dataset_size)
+
+    def planned_steps(self, num_epochs: float) -> int:
+        raise NotImplementedError
+
+    def step_indices(self, step: int) -> list:
+        """All records of logical step `step` (the same list on every process)."""
+        raise NotImplementedError
+
+    def micro_batches(self, step: int) -> list:
+        """This process's micro-batches for `step`: lists of record indices (possibly empty)."""
+        chosen = self.step_indices(step)
+        share = chosen[self.process_index::self.num_processes]
+        largest_share = math.ceil(len(chosen) / self.num_processes)
+        count = max(self.accumulation_steps, math.ceil(largest_share / self.per_device))
+        return [share[i * self.per_device:(i + 1) * self.per_device] for i in range(count)]
+
+
+class PoissonSampler(StepSampler):
+    """Each record joins step t independently with probability q = B / N, drawn from the DP
+    generator for (seed, t), so every process sees the same draw: the accounted mechanism."""
+
+    name = "poisson"
+
+    def planned_steps(self, num_epochs):
+        # each record is seen `num_epochs` times in expectation
+        return math.ceil(num_epochs * self.n / self.expected_batch_size - 1e-9)
+
+    def step_indices(self, step):
+        gen = self.randomness.generator("sample", step)
+        return (torch.rand(self.n, generator=gen) < self.sampling_rate).nonzero().flatten().tolist()
+
+
+class ShuffleSampler(StepSampler):
+    """Fixed-size batches of a per-epoch permutation, the last batch of an epoch smaller."""
+
+    name = "shuffle"
+    caveat = SHUFFLE_CAVEAT
+
+    def planned_steps(self, num_epochs):
+        # a fractional epoch count rounds up to a whole batch
+        return math.ceil(num_epochs * self._per_epoch() - 1e-9)
+
+    def _per_epoch(self):
+        return math.ceil(self.n / self.expected_batch_size)
+
+    def step_indices(self, step):
+        epoch, k = divmod(step, self._per_epoch())
+        perm = torch.randperm(self.n, generator=self.randomness.generator("shuffle", epoch)).tolist()
+        return perm[k * self.expected_batch_size:(k + 1) * self.expected_batch_size]
+
+
+SAMPLERS = {cls.name: cls for cls in (PoissonSampler, ShuffleSampler)}
+
+
+def make_sampler(name: str, *args, **kwargs) -> StepSampler:
+    return SAMPLERS[name](*args, **kwargs)
