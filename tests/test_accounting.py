@@ -1,4 +1,4 @@
-"""utils/accounting.py against independent accountants (DESIGN.md section 2, item 6).
+"""utils/accounting.py against independent accountants (docs/DESIGN.md section 2, item 6).
 
 prv_accountant (Gopi et al.) and Opacus' RDP and PRV accountants are separate implementations
 of the same Poisson-subsampled Gaussian; for q = 1 there is an exact closed form to compare with.
@@ -17,7 +17,7 @@ from utils.accounting import (ACCOUNTANT_NAME, PrivacyAccountant, check_delta, c
 SEED_Q = 2048 / 75316  # the seed README's run: N = 75,316 records, expected batch 2048, 5 epochs
 GRID = [  # (q, sigma, steps, delta)
     (1 / 8, 1.0, 10, 1e-3),
-    (0.01, 1.0, 1000, 1e-5),  # DESIGN.md section 5: PLD 1.828, PRV 1.828, RDP 2.10
+    (0.01, 1.0, 1000, 1e-5),  # docs/DESIGN.md 2.6: PLD 1.828, PRV 1.828, RDP 2.10
     (SEED_Q, 1.2, round(5 / SEED_Q), 1e-7),
     (0.05, 0.8, 100, 1e-6),
     (0.004, 0.7, 2000, 1e-6),
@@ -66,7 +66,7 @@ def test_epsilon_matches_opacus(q, sigma, steps, delta):
 
 
 def test_reference_figures():
-    # DESIGN.md section 5, measured with three libraries.
+    # docs/DESIGN.md 2.6, measured with three libraries.
     assert compute_epsilon(1.0, 0.01, 1000, 1e-5) == pytest.approx(1.828, abs=1e-3)
     assert compute_epsilon_rdp(1.0, 0.01, 1000, 1e-5) == pytest.approx(2.10, abs=5e-3)
     # The seed reported about 2.37 for its README run: prv_accountant's upper bound at its

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) give the same adapter as one process for the same logical batch, Poisson
 draw and noise seed, with noise on; with FSDP the frozen base is sharded and the LoRA parameters are
-not (DESIGN.md 2.4, 2.5, 2.9, 5). The launches use the README's configs in accelerate_configs/."""
+not (docs/DESIGN.md 2.4, 2.5, 2.9, 5). The launches use the README's configs in accelerate_configs/."""
 
 import json
 import os
@@ -176,7 +176,7 @@ def test_configs_say_what_the_readme_says():
     assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "bf16"
     one, two = load("cpu_1proc.cfg"), load("cpu_2proc.cfg")
     assert one["distributed_type"] == "NO" and one["num_processes"] == 1 and one["use_cpu"]
-    # MULTI_CPU would silently run one process without mpirun (DESIGN.md 5)
+    # MULTI_CPU would silently run one process without mpirun (docs/DESIGN.md 5)
     assert two["distributed_type"] == "MULTI_GPU" and two["num_processes"] == 2
 
 

@@ -1,4 +1,4 @@
-"""Per-example gradients, clipping and noise (DESIGN.md 2.2-2.4, 2.7) on real tiny models."""
+"""Per-example gradients, clipping and noise (docs/DESIGN.md 2.2-2.4, 2.7) on real tiny models."""
 
 import math
 

@@ -1,9 +1,9 @@
-"""Epsilon for DP-SGD with Poisson sampling (DESIGN.md section 2, item 6): each step is a
+"""Epsilon for DP-SGD with Poisson sampling (docs/DESIGN.md section 2, item 6): each step is a
 Poisson-subsampled Gaussian (rate q, noise sigma * C), composed with the privacy loss
 distribution (PLD) accountant of Google's maintained `dp_accounting`. Its rounding is
 pessimistic, so every figure here is an upper bound on the true epsilon, never an estimate.
 
-Two neighbouring relations (DESIGN.md 2.11): "add_remove" (one record added or removed, the
+Two neighbouring relations (docs/DESIGN.md 2.11): "add_remove" (one record added or removed, the
 figure every peer reports) and "replace_one" (one record replaced by another, the consistent one
 when the data set size N is published, as privacy_report.json does); the same run has a larger
 replace-one epsilon."""

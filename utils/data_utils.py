@@ -1,6 +1,6 @@
 """Data: instruction/answer records, prompt format, label masking, collator (samplers: utils/sampling.py).
 
-Privacy unit = one record = one sequence (DESIGN.md 2.1): records are never packed together.
+Privacy unit = one record = one sequence (docs/DESIGN.md 2.1): records are never packed together.
 """
 
 import codecs

@@ -1,6 +1,6 @@
 """DP-SGD primitives for LoRA: exact per-example gradients, clipping, accumulation, noise.
 
-Privacy rules implemented here (DESIGN.md section 2):
+Privacy rules implemented here (docs/DESIGN.md section 2):
   * per-example gradient g_i of record i's own loss, products accumulated in float32 (or wider);
   * clip jointly over all trainable parameters: g_i * min(1, C / ||g_i||);
   * S = sum of clipped g_i over micro-batches and processes, one all-reduce per logical step;
@@ -130,7 +130,7 @@ class PerExampleGradStore:
         self.records = None  # records in the current micro-batch (DPGradient's hook on the model)
 
     def check_input(self, name, x):
-        """DESIGN.md 2.12: the rules sum over every dimension but the first, which must therefore be
+        """docs/DESIGN.md 2.12: the rules sum over every dimension but the first, which must therefore be
         the records. A layer on flattened [records x tokens, hidden] input (an MoE shared expert,
         router or expert) would be clipped per token, so it stops the run instead."""
         if self.records is None:
@@ -257,7 +257,7 @@ class DPGradient:
 
     With `loss_clip` L set, the step also releases a private training loss: each record's loss
     clipped to [0, L] (non-finite: L), summed over the same sample, plus one draw of
-    N(0, (loss_noise_multiplier * L)^2), divided by B. The accountant composes the pair (DESIGN.md
+    N(0, (loss_noise_multiplier * L)^2), divided by B. The accountant composes the pair (docs/DESIGN.md
     2.10; accounting.effective_noise_multiplier). `accountant.step()` is called by `finish_step`
     itself, once per released gradient, so no training loop can forget a step.
 
@@ -490,7 +490,7 @@ def per_record_loss(logits, labels):
     """Mean next-token loss of each record over its own label tokens: [n].
 
     Normalising by the record's own count (not the micro-batch's) keeps each record's gradient
-    independent of the other records (DESIGN.md 2.2). Records with no label token (masked dummy
+    independent of the other records (docs/DESIGN.md 2.2). Records with no label token (masked dummy
     records) get exactly zero loss and zero gradient."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]

@@ -1,6 +1,6 @@
 """Multi-process helpers: FSDP of the frozen base (LoRA parameters left out), replica agreement check.
 
-DESIGN.md 2.9: with FSDP the frozen base weights are sharded over the processes; the LoRA
+docs/DESIGN.md 2.9: with FSDP the frozen base weights are sharded over the processes; the LoRA
 parameters are excluded from FSDP, replicated on every process as plain tensors, and synchronised
 only through the DP sum (one all-reduce per logical step in `DPGradient.finish_step`). FSDP
 therefore never reduces a gradient: the base is frozen and the adapters are ignored parameters.

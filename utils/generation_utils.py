@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 
 from utils.data_utils import UserInputError, encode_prompt
 from utils.lora_utils import load_adapter
-from utils.model_utils import access_token, load_model, load_tokenizer
+from utils.model_utils import access_token, context_length, load_model, load_tokenizer
 
 OUTPUT_FILE = "generations.jsonl"
 RUN_FILE = "generation_run.json"
@@ -131,7 +131,7 @@ def generation_config(args, model, tokenizer):
 def token_budgets(prompt_ids, args, model):
     """New tokens allowed for each prompt: --max_new_tokens, else --max_length minus the prompt,
     never beyond the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     budgets = []
     for i, ids in enumerate(prompt_ids):
         budget = args.max_new_tokens if args.max_new_tokens is not None else args.max_length - len(ids)

@@ -113,8 +113,14 @@ def disable_base_dropout(model):
     return was
 
 
+def context_length(model):
+    """The model's context in tokens, as its config states it (None when it states none)."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def check_block_size(block_size, model):
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     if block_size < 2:
         raise UserInputError(f"--block_size {block_size}: must be at least 2")
     if context is not None and block_size > context:
