@@ -23,14 +23,14 @@ from transformers import SchedulerType
 
 from utils.checkpoint_utils import TrainingState, resolve_resume, save_checkpoint
 from utils.cli import UserInputError, run_cli
-from utils.data_utils import Collator, load_raw_datasets, tokenize_dataset
+from utils.data_utils import Collator, load_raw_datasets, privacy_units, tokenize_dataset
 from utils.dp_utils import DPGradient, DPRandomness
 from utils.fsdp_utils import assert_replicas_agree
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model
 from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
 from utils.privacy import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
-from utils.sampling import make_sampler
+from utils.sampling import UnitPoissonSampler, make_sampler
 from utils.io_utils import publish_outputs, write_json
 from utils.train_utils import StepLog, build_optimizer, evaluate, train_logical_step, tracker_config
 
@@ -43,6 +43,11 @@ def parse_args(argv=None):
     data.add_argument("--train_file", default=None, help="JSON {instruction: [...], answer: [...]} or JSON Lines")
     data.add_argument("--validation_file", default=None, help="same format; default: the data set's validation split")
     data.add_argument("--block_size", type=int, default=512, help="max tokens per record (longer ones are truncated)")
+    data.add_argument("--privacy_unit_key", default=None, metavar="KEY",
+                      help="records carry their privacy unit's id (user, patient, author) under KEY: one unit, "
+                           "however many records, is what epsilon protects (default: each record)")
+    data.add_argument("--max_records_per_unit", type=int, default=4, metavar="K",
+                      help="with --privacy_unit_key: records a sampled unit contributes (a random K when it has more)")
     model = p.add_argument_group("model and LoRA")
     model.add_argument("--model_name_or_path", required=True)
     model.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
@@ -88,6 +93,10 @@ def parse_args(argv=None):
 
 def validate_args(args):
     validate_privacy_args(args)
+    if args.max_records_per_unit < 1:
+        raise UserInputError(f"--max_records_per_unit {args.max_records_per_unit}: must be at least 1")
+    if args.privacy_unit_key is not None and args.sampling != "poisson":
+        raise UserInputError("--privacy_unit_key samples units with Poisson sampling: it excludes --sampling shuffle")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "block_size", "lora_r"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -124,7 +133,10 @@ def setup(args, accelerator):
     say = accelerator.print
     token = access_token(args.access_token)
     tokenizer = load_tokenizer(args.model_name_or_path, token)
-    raw = load_raw_datasets(args.dataset_name, args.train_file, args.validation_file, args.dataset_dir)
+    raw = load_raw_datasets(args.dataset_name, args.train_file, args.validation_file, args.dataset_dir,
+                            args.privacy_unit_key)
+    units = privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name) \
+        if args.privacy_unit_key else None
     # whole, 4-bit, or (FSDP) sharded with only this process's shards ever loaded; LoRA from --seed
     model = build_model(args, accelerator, token, say)
     with accelerator.main_process_first():
@@ -138,9 +150,7 @@ def setup(args, accelerator):
     model.train()
 
     randomness = DPRandomness(args.insecure_dp_seed)
-    sampler = make_sampler(args.sampling, len(train_set), args.per_device_train_batch_size,
-                           args.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index,
-                           randomness)
+    sampler = make_step_sampler(args, len(train_set), units, accelerator, randomness)
     plan = make_privacy_plan(args, sampler, uniform_guess_loss(model), say)
     say(plan.plan_line())
     dp_gradient = DPGradient(model, args.clip_norm, plan.noise_multiplier if plan.private else -1,
@@ -162,6 +172,20 @@ def setup(args, accelerator):
                            collator=Collator(train_set, tokenizer.pad_token_id),
                            eval_collator=Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None,
                            eval_batch=args.per_device_eval_batch_size or args.per_device_train_batch_size)
+
+
+def make_step_sampler(args, num_records, units, accelerator, randomness):
+    """Records (Poisson or shuffle), or privacy units of several records under --privacy_unit_key."""
+    layout = (args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
+              accelerator.process_index, randomness)
+    if units is None:
+        return make_sampler(args.sampling, num_records, *layout)
+    sampler = UnitPoissonSampler(units, *layout, args.max_records_per_unit)
+    beyond = sampler.records_beyond_cap()
+    if beyond:  # console only: an exact statistic of the private data
+        accelerator.print(f"note: {beyond} of {num_records} records are beyond --max_records_per_unit "
+                          f"{args.max_records_per_unit} in their unit; each step uses a random {args.max_records_per_unit}")
+    return sampler
 
 
 def resume(run, checkpoint, accelerator):

@@ -6,6 +6,7 @@ checkpoints are refused in one line naming the file. Also the two-machine FSDP c
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -224,8 +225,10 @@ def test_broken_shard_under_torchrun_exits_2_with_one_line(setup, tmp_path):
            *data, *COMMON, "--output_dir", str(tmp_path / "out"), "--fsdp"]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and len(errors) == 1 and shard in errors[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and shard in errors[0], result.stderr[-3000:]
+    # the worker exited 2 without a traceback of its own (torchrun adds its own report of the exit)
+    assert re.search(r"exitcode\s*:\s*2\b", result.stderr), result.stderr[-3000:]
+    assert 'train_clm.py", line' not in result.stderr and "utils/" not in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

@@ -196,13 +196,13 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
     return sigma
 
 
-def check_delta(delta: float, dataset_size: int) -> None:
-    """Refuse delta >= 1/N: such a delta permits releasing one whole record outright."""
+def check_delta(delta: float, dataset_size: int, unit: str = "records") -> None:
+    """Refuse delta >= 1/N: such a delta permits releasing one whole record (or unit) outright."""
     if not delta > 0:
         raise ValueError(f"--delta {delta:g} must be positive")
     if delta >= 1 / dataset_size:
         raise ValueError(f"--delta {delta:g} must be below 1/N = {1 / dataset_size:.3g} "
-                         f"for a data set of {dataset_size} records")
+                         f"for a data set of {dataset_size} {unit}")
 
 
 class PrivacyAccountant:

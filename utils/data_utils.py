@@ -21,8 +21,10 @@ DEFAULT_PUBMED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 # ----------------------------------------------------------------------------------------------
 
 
-def load_records_file(path):
-    """The seed's JSON ({"instruction": [...], "answer": [...]}) or JSON Lines records -> Dataset."""
+def load_records_file(path, unit_key=None):
+    """The seed's JSON ({"instruction": [...], "answer": [...]}) or JSON Lines records -> Dataset.
+
+    unit_key: records also carry their privacy unit's id (a user, patient or author) under this key."""
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
@@ -36,14 +38,15 @@ def load_records_file(path):
         raise UserInputError(f"{path}: not valid JSON or JSON Lines ({_json_problem(path) or type(err).__name__})") from None
     finally:
         datasets.utils.logging.set_verbosity(level)
-    missing = {"instruction", "answer"} - set(ds.column_names)
+    keys = ["instruction", "answer"] + ([unit_key] if unit_key else [])
+    missing = set(keys) - set(ds.column_names)
     if missing:
         raise UserInputError(f"{path}: records lack the key(s) {sorted(missing)}")
     if isinstance(ds.features["answer"], (datasets.Sequence, datasets.List)):
-        ds = _columns_to_records(ds, path)
+        ds = _columns_to_records(ds, path, keys)
     if len(ds) == 0:
         raise UserInputError(f"{path}: no records")
-    return ds.select_columns(["instruction", "answer"])
+    return ds.select_columns(keys)
 
 
 def _check_utf8(path):
@@ -83,54 +86,73 @@ def _json_problem(path):
     return "a JSON document that is neither {\"instruction\": [...], \"answer\": [...]} nor records"
 
 
-def _columns_to_records(ds, path):
+def _columns_to_records(ds, path, keys):
     """A JSON object of columns arrives as one row of lists: explode it into records."""
     if len(ds) != 1:
         raise UserInputError(f"{path}: mixes list-valued and record-valued entries")
     row = ds[0]
-    if len(row["instruction"] or []) != len(row["answer"] or []):
-        raise UserInputError(
-            f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but 'answer' has {len(row['answer'] or [])}"
-        )
+    for key in keys[1:]:
+        if len(row[key] or []) != len(row["instruction"] or []):
+            raise UserInputError(f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but "
+                                 f"'{key}' has {len(row[key] or [])}")
     for i, (instruction, answer) in enumerate(zip(row["instruction"] or [], row["answer"] or [])):
         _check_text(path, i, "instruction", instruction)  # before exploding: mixed types break datasets
         _check_text(path, i, "answer", answer)
-    return ds.map(
-        lambda batch: {"instruction": batch["instruction"][0], "answer": batch["answer"][0]},
-        batched=True, batch_size=1, remove_columns=ds.column_names,
-    )
+    return ds.map(lambda batch: {key: batch[key][0] for key in keys},
+                  batched=True, batch_size=1, remove_columns=ds.column_names)
 
 
-def load_pubmed(dataset_dir=None):
-    """The built PubMed DatasetDict as instruction/answer records with the seed's prompt."""
+def load_pubmed(dataset_dir=None, unit_key=None):
+    """The built PubMed DatasetDict as instruction/answer records with the seed's prompt (and the
+    unit_key column, e.g. author, kept for the training split)."""
     dataset_dir = dataset_dir or DEFAULT_PUBMED_DIR
     if not os.path.isdir(dataset_dir):
         raise UserInputError(
             f"{dataset_dir}: PubMed data set not built; run `python scripts/prepare_pubmed.py` first"
         )
     dd = datasets.load_from_disk(dataset_dir)
+    if unit_key and unit_key not in dd["train"].column_names:
+        raise UserInputError(f"{dataset_dir}: the built data set has no '{unit_key}' column (it has "
+                             f"{', '.join(dd['train'].column_names)}); rebuild it with `python -m scripts.prepare_pubmed`")
+
+    def records(batch, split):
+        kept = {unit_key: batch[unit_key]} if unit_key and split == "train" else {}
+        return {"instruction": [PUBMED_PROMPT] * len(batch["text"]), "answer": batch["text"], **kept}
+
     return datasets.DatasetDict({
-        split: ds.map(lambda b: {"instruction": [PUBMED_PROMPT] * len(b["text"]), "answer": b["text"]},
-                      batched=True, remove_columns=ds.column_names)
+        split: ds.map(records, fn_kwargs={"split": split}, batched=True, remove_columns=ds.column_names)
         for split, ds in dd.items()
     })
 
 
-def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, dataset_dir=None):
-    """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records."""
+def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, dataset_dir=None, unit_key=None):
+    """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records; the
+    training records keep their privacy unit's id under unit_key when it is given."""
     if dataset_name is not None:
         if dataset_name != "pubmed_generation":
             raise UserInputError(f"--dataset_name {dataset_name}: unknown (known: pubmed_generation)")
-        raw = load_pubmed(dataset_dir)
+        raw = load_pubmed(dataset_dir, unit_key)
     else:
         if train_file is None:
             raise UserInputError("give --train_file or --dataset_name")
-        raw = datasets.DatasetDict({"train": load_records_file(train_file)})
+        raw = datasets.DatasetDict({"train": load_records_file(train_file, unit_key)})
     if validation_file is not None:
         raw["validation"] = load_records_file(validation_file)
     for split, ds in raw.items():
         _check_strings(ds, train_file if split == "train" else validation_file or split)
     return raw
+
+
+def privacy_units(ds, key, name):
+    """Record indices grouped by their unit id under `key`, units in order of first appearance.
+    An id must be text or a whole number: anything else is refused naming the record."""
+    groups = {}
+    for i, unit in enumerate(ds[key]):
+        if isinstance(unit, bool) or not isinstance(unit, (str, int)):
+            what = "missing or null" if unit is None else f"of type {type(unit).__name__}, not text or a whole number"
+            raise UserInputError(f"{name}: record {i} (counting from 0): privacy unit '{key}' is {what}")
+        groups.setdefault(unit, []).append(i)
+    return list(groups.values())
 
 
 def _check_strings(ds, name):

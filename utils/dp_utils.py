@@ -363,13 +363,16 @@ class DPGradient:
 
     # -- per micro-batch ----------------------------------------------------------------------
 
-    def accumulate_micro_batch(self, losses=None, counts=None):
+    def accumulate_micro_batch(self, losses=None, counts=None, units=None):
         """Clip this micro-batch's per-example gradients and add them to the step's sum.
 
         losses, counts: the records' losses and label-token counts (per_record_loss); records
-        without label tokens are masked dummies and count for nothing."""
+        without label tokens are masked dummies and count for nothing. units: each record's unit
+        slot in the micro-batch when privacy units hold several records (their rows, computed from
+        losses weighted by 1/records of the unit, add up to the unit's mean gradient, which is
+        clipped once); None: every record is its own unit."""
         if losses is not None:
-            self._add_losses(losses.detach(), counts)
+            self._add_losses(losses.detach(), counts, units)
         if not self.private:
             for p in self.params:
                 if p.grad is not None:
@@ -383,6 +386,9 @@ class DPGradient:
             store.clear()
             raise RuntimeError("some trainable parameters got no per-example gradient in this micro-batch")
         per_example = store.buffer  # [n, P]: one record per row
+        if units is not None:  # one row per unit
+            units = units.to(per_example.device)
+            per_example = per_example.new_zeros(int(units.max()) + 1, per_example.shape[1]).index_add_(0, units, per_example)
         norms = torch.linalg.vector_norm(per_example, dim=1)  # the joint norm over all parameters
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
@@ -396,25 +402,29 @@ class DPGradient:
         self.last_norms = norms
         store.clear()  # per-example gradients are not kept past this point
 
-    def _add_losses(self, losses, counts):
+    def _add_losses(self, losses, counts, units=None):
         losses = losses.to(self.stats.device, torch.float64)
         real = (counts > 0).to(self.stats.device) if counts is not None else torch.ones_like(losses, dtype=torch.bool)
-        if self.loss_clip is not None:
+        if self.loss_clip is not None:  # each unit's mean loss in [0, L]: sensitivity L
             bounded = torch.nan_to_num(losses, nan=self.loss_clip, posinf=self.loss_clip).clamp(0.0, self.loss_clip)
-            self.stats[0] += bounded.sum()
+            weights = unit_weights(units)
+            self.stats[0] += (bounded if weights is None else bounded * weights.to(bounded)).sum()
         self.stats[1] += torch.where(torch.isfinite(losses) & real, losses, 0.0).sum()
         self.stats[2] += real.sum()
 
     # -- per logical step ---------------------------------------------------------------------
 
     def logical_step(self, micro_batch_losses, step):
-        """The whole step: for each micro-batch's (losses, counts) (its forward runs as the iterable
-        yields it), backward of the sum of per-record losses and clipped accumulation; then
+        """The whole step: for each micro-batch's (losses, counts[, units]) (its forward runs as the
+        iterable yields it), backward of the sum of per-record losses and clipped accumulation; then
         finish_step. Training, benchmarks and checks share this one driver."""
-        for losses, counts in micro_batch_losses:
+        for losses, counts, *units in micro_batch_losses:
+            units = units[0] if units else None
+            weights = unit_weights(units)
             # the sum of per-record losses: each record's gradient is its own, unscaled by the others
-            losses.sum().backward()
-            self.accumulate_micro_batch(losses, counts)
+            # (a unit's records weighted 1/n_u: their rows add up to the unit's mean gradient)
+            (losses.sum() if weights is None else (losses * weights.to(losses)).sum()).backward()
+            self.accumulate_micro_batch(losses, counts, units)
         return self.finish_step(step)
 
     def finish_step(self, step):
@@ -450,6 +460,13 @@ class DPGradient:
     def noise_std(self):
         """Standard deviation of the noise in the averaged gradient: sigma * C / B."""
         return self.noise_multiplier * self.clip_norm / self.expected_batch_size
+
+
+def unit_weights(units):
+    """1 / (records of the row's unit) for each row; None when every record is its own unit."""
+    if units is None:
+        return None
+    return 1.0 / torch.bincount(units).double()[units]
 
 
 @dataclasses.dataclass

@@ -100,6 +100,10 @@ class PrivacyPlan:
         return self.train_loss == "exact" or not self.private
 
     @property
+    def unit_name(self):
+        return f"units ('{self.args.privacy_unit_key}')" if self.args.privacy_unit_key else "records"
+
+    @property
     def caveat(self):
         if not self.private:
             return "non-private training: epsilon is infinite"
@@ -120,7 +124,7 @@ class PrivacyPlan:
         line = (f"privacy plan: epsilon {self.epsilon(self.steps):.4g} ({a.neighboring_relation}; replace-one "
                 f"{self.epsilon(self.steps, 'replace_one'):.4g}) at delta {a.delta:g} (sigma "
                 f"{self.noise_multiplier:.4g}{loss}, q {self.sampling_rate:.4g}, {self.steps} steps, expected batch "
-                f"{self.expected_batch_size}, {a.sampling} sampling)")
+                f"{self.expected_batch_size} {self.unit_name}, {a.sampling} sampling)")
         return line + (f"\nnote: {self.caveat}" if self.caveat else "")
 
     def report(self, steps, num_processes):
@@ -144,7 +148,10 @@ class PrivacyPlan:
             "sampling": a.sampling,
             "sampling_rate": self.sampling_rate,
             "expected_batch_size": self.expected_batch_size,
-            "dataset_size": self.dataset_size,
+            "dataset_size": self.dataset_size,  # privacy units: records, or units under --privacy_unit_key
+            "privacy_unit": a.privacy_unit_key or "record",
+            "num_units": self.dataset_size,
+            "max_records_per_unit": a.max_records_per_unit if a.privacy_unit_key else 1,
             "steps": steps,
             "accountant": self.accountant.name if private else None,
             "num_processes": num_processes,
@@ -176,7 +183,7 @@ def make_privacy_plan(args, sampler, default_loss_clip, say=print):
     if not private:
         return plan
     try:
-        check_delta(args.delta, dataset_size)
+        check_delta(args.delta, dataset_size, plan.unit_name)
         if args.target_epsilon is not None:
             effective = noise_multiplier_for_epsilon(args.target_epsilon, sampling_rate, planned, args.delta,
                                                      args.neighboring_relation, args.accountant)

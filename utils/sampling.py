@@ -1,9 +1,12 @@
 """Which records form each logical step, and how they split into micro-batches (docs/DESIGN.md 2.5).
 
 Each sampler states what the privacy plan needs: its sampling rate q (the accountant composes the
-Poisson-subsampled Gaussian at that rate), its planned steps for a number of epochs, and the
-caveat every report must carry when its epsilon is not a proven guarantee for it. A new sampler is
-one class registered in SAMPLERS.
+Poisson-subsampled Gaussian at that rate), its planned steps for a number of epochs, the number of
+privacy units `n` it samples from, and the caveat every report must carry when its epsilon is not
+a proven guarantee for it. A new sampler is one class registered in SAMPLERS.
+
+Record-level samplers give micro-batches of record indices; the unit-level sampler gives
+micro-batches of units, each a list of its record indices (docs/DESIGN.md 2.13).
 """
 
 import math
@@ -84,6 +87,37 @@ class ShuffleSampler(StepSampler):
         epoch, k = divmod(step, self._per_epoch())
         perm = torch.randperm(self.n, generator=self.randomness.generator("shuffle", epoch)).tolist()
         return perm[k * self.expected_batch_size:(k + 1) * self.expected_batch_size]
+
+
+class UnitPoissonSampler(PoissonSampler):
+    """Poisson sampling of privacy units (a user, patient or author with several records): each
+    unit joins step t independently with probability q = B / U (B expected units per step, U units),
+    and brings at most `max_records` of its records, a uniformly random subset drawn from the DP
+    generator when it has more. A unit's records always share one micro-batch, so the unit is
+    clipped once, as a whole; `per_device_batch_size` counts units."""
+
+    name = "poisson_units"
+
+    def __init__(self, units: list, per_device_batch_size: int, accumulation_steps: int, num_processes: int,
+                 process_index: int, randomness, max_records: int):
+        super().__init__(len(units), per_device_batch_size, accumulation_steps, num_processes, process_index,
+                         randomness)
+        self.units, self.max_records = units, max_records
+
+    def step_indices(self, step):
+        """The sampled units of step `step`, each as the list of its records used in this step."""
+        return [self._records_of(unit, step) for unit in super().step_indices(step)]
+
+    def _records_of(self, unit, step):
+        records = self.units[unit]
+        if len(records) <= self.max_records:
+            return records
+        gen = self.randomness.generator(f"unit_records:{unit}", step)
+        return [records[i] for i in sorted(torch.randperm(len(records), generator=gen)[:self.max_records].tolist())]
+
+    def records_beyond_cap(self):
+        """Records that no single step can use (an exact statistic of the data: console only)."""
+        return sum(max(0, len(records) - self.max_records) for records in self.units)
 
 
 SAMPLERS = {cls.name: cls for cls in (PoissonSampler, ShuffleSampler)}

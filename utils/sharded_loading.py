@@ -110,11 +110,12 @@ def checkpoint_name(name):
     return re.sub(r"\.base_layer(?=\.)", "", name)
 
 
-def _aliases(model):
-    """Each base parameter once, with every name it has (tied weights have several)."""
+def _aliases(model, frozen_only):
+    """Each parameter once, with every name it has (tied weights have several); frozen_only: the
+    base after PEFT froze it, without the adapters."""
     names = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
+        if not (frozen_only and p.requires_grad):
             names.setdefault(id(p), (p, []))[1].append(checkpoint_name(name))
     return list(names.values())
 
@@ -128,8 +129,9 @@ def find_entry(entries, names, folder):
 
 
 def check_checkpoint(entries, model, folder):
-    """Every base parameter is in the checkpoint with the model's shape: fail before any loading."""
-    for p, names in _aliases(model):
+    """Every parameter of the (LoRA-free) model is in the checkpoint with the model's shape: fail
+    before any loading."""
+    for p, names in _aliases(model, frozen_only=False):
         name, entry = find_entry(entries, names, folder)
         if entry.shape != tuple(p.shape):
             raise UserInputError(f"{entry.path}: tensor {name} has shape {list(entry.shape)}, the model's config "
@@ -262,7 +264,7 @@ def load_local_shards(model, entries, folder, device):
     _materialize(model, device)
     handles, read = {}, 0
     try:
-        jobs = [(p, *find_entry(entries, names, folder)) for p, names in _aliases(model)]
+        jobs = [(p, *find_entry(entries, names, folder)) for p, names in _aliases(model, frozen_only=True)]
         jobs += [(b, name, entries[name]) for name, b in model.named_buffers() if name in entries]
         for tensor, name, entry in jobs:
             if entry.path not in handles:

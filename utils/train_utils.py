@@ -24,9 +24,23 @@ def forward_losses(model, batch, accelerator):
 def train_logical_step(model, micro_batches, collator, dp_gradient, accelerator, step):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
     in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
-    batches = (forward_losses(model, _to_device(collator(indices), accelerator.device), accelerator)
-               for indices in micro_batches)
-    return dp_gradient.logical_step(batches, step)
+    def forward(micro_batch):
+        indices, units = records_and_units(micro_batch)
+        losses, counts = forward_losses(model, _to_device(collator(indices), accelerator.device), accelerator)
+        return losses, counts, units
+
+    return dp_gradient.logical_step(map(forward, micro_batches), step)
+
+
+def records_and_units(micro_batch):
+    """A micro-batch of records, or of units (each a list of its records): the record indices and,
+    when some unit holds several records, each record's unit slot (else None)."""
+    if not micro_batch or not isinstance(micro_batch[0], list):
+        return micro_batch, None
+    indices = [record for unit in micro_batch for record in unit]
+    if len(indices) == len(micro_batch):  # one record per unit: exactly the record-level step
+        return indices, None
+    return indices, torch.tensor([slot for slot, unit in enumerate(micro_batch) for _ in unit])
 
 
 class StepLog:
