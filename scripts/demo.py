@@ -43,7 +43,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "outputs", "demo"))
     p.add_argument("--target_epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1 / (10 x train_records))")
+    p.add_argument("--privacy_unit", choices=["record", "author"], default="record",
+                   help="what epsilon protects: one abstract, or one first author with all their abstracts")
+    p.add_argument("--max_records_per_unit", type=int, default=4, help="with --privacy_unit author: abstracts per author and step")
+    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1 / (10 x privacy units))")
     p.add_argument("--train_records", type=int, default=None,
                    help="training set size N, default: the whole train split (the privacy unit is one abstract; "
                         "q = batch_size / N)")
@@ -116,7 +119,8 @@ def read_json(path):
 def write_subsets(dataset_dir, folder, train_records, val_records, seed):
     """The first N (default: all) of a seeded shuffle of the train split, the first M of the validation split's.
 
-    Returns the two files' paths and the number of training records."""
+    Training records keep the data set's first author (when it has that column) for author-level runs.
+    Returns the two files' paths, the number of training records and of their distinct first authors."""
     import datasets
 
     dd = datasets.load_from_disk(dataset_dir)
@@ -131,14 +135,18 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
                      f"the {split} split has only {len(dd[split])} records")
         order = list(range(len(dd[split])))
         random.Random(seed).shuffle(order)
-        texts = dd[split].select(order[:count])["text"]
+        rows = dd[split].select(order[:count])
+        authors = rows["author"] if split == "train" and "author" in rows.column_names else [None] * count
+        if split == "train":
+            counts["authors"] = len(set(authors))
         paths[split] = os.path.join(folder, f"{split}.jsonl")
         with open(paths[split], "w") as f:
-            for text in texts:
-                f.write(json.dumps({"instruction": PROMPT, "answer": text}, ensure_ascii=False) + "\n")
+            for text, author in zip(rows["text"], authors):
+                record = {"instruction": PROMPT, "answer": text, **({"author": author} if author else {})}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"wrote {count} {split} records to {_short(paths[split])}")
         counts[split] = count
-    return paths, counts["train"]
+    return paths, counts["train"], counts["authors"]
 
 
 def train_command(args, model, paths, out, private, steps):
@@ -152,6 +160,8 @@ def train_command(args, model, paths, out, private, steps):
     if private:
         cmd += ["--clip_norm", str(args.clip_norm), "--target_epsilon", f"{args.target_epsilon:g}",
                 "--delta", f"{args.delta:g}"]
+        if args.privacy_unit == "author":  # the batch arguments then count authors
+            cmd += ["--privacy_unit_key", "author", "--max_records_per_unit", str(args.max_records_per_unit)]
     else:
         cmd += ["--clip_norm", "-1", "--noise_multiplier", "-1"]
     return cmd
@@ -218,6 +228,8 @@ def summary_text(s):
         f"({s['trainable_parameters']:,} trainable parameters)",
         f"data        {s['train_records']} training / {s['val_records']} validation PubMed abstracts "
         f"(prompt \"{PROMPT}\", {s['block_size']} tokens max)",
+        f"unit        one {s['privacy_unit']}: {s['num_units']} units, {s['train_records'] / s['num_units']:.2f} "
+        f"abstracts per unit on average",
         f"privacy     epsilon {s['epsilon']:.3g} (replace-one {s['epsilon_replace_one']:.3g}) at delta {s['delta']:.0e} "
         f"({s['sampling']} sampling, PLD accountant)",
         f"            noise multiplier {s['noise_multiplier']:.3g} (gradient), {s['loss_noise_multiplier']:.3g} (training "
@@ -258,10 +270,11 @@ def main(argv=None):
     t = time.time()
     print(f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts",
           flush=True)
-    paths, args.train_records = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records,
-                                              args.val_records, args.seed)
+    paths, args.train_records, authors = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records,
+                                                       args.val_records, args.seed)
+    units = authors if args.privacy_unit == "author" else args.train_records
     if args.delta is None:
-        args.delta = min(1e-5, 1 / (10 * args.train_records))
+        args.delta = min(1e-5, 1 / (10 * units))
     stages.add("subsets", time.time() - t)
     runs = {name: os.path.join(out, name) for name in ("base", "dp", "nonprivate", "samples")}
     for folder in runs.values():  # this demo's own outputs of an earlier run
@@ -302,6 +315,7 @@ def main(argv=None):
         "lora_r": args.lora_r, "lora_target_modules": args.lora_target_modules,
         "trainable_parameters": adapter_size(runs["dp"]),
         "train_records": args.train_records, "val_records": args.val_records, "block_size": args.block_size,
+        "privacy_unit": args.privacy_unit, "num_units": units,
         "learning_rate": args.learning_rate,
         **{k: report[k] for k in ("epsilon", "epsilon_replace_one", "delta", "noise_multiplier", "loss_noise_multiplier",
                                   "effective_noise_multiplier", "clip_norm", "sampling", "sampling_rate",

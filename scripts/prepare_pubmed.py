@@ -4,7 +4,8 @@
     python -m scripts.prepare_pubmed --input pubmed23n*.xml.gz \
         --start_date 2023-08-01 --end_date 2023-08-07     # rebuild a data set like the seed's
 
-Columns: `text` (the abstract), `pmid` (str), `pub_date` (ISO YYYY-MM-DD, "" when unknown).
+Columns: `text` (the abstract), `pmid` (str), `pub_date` (ISO YYYY-MM-DD, "" when unknown),
+`author` (the first author, the privacy unit of `python -m scripts.demo --privacy_unit author`).
 
 Choices, so that nobody has to read the code to learn them:
 - text: every <AbstractText> of the article's <Abstract> (inner markup included), whitespace
@@ -18,6 +19,11 @@ Choices, so that nobody has to read the code to learn them:
   earlier version; then, among records with identical text, the first one kept is the lowest PMID.
 - <DeleteCitation> entries in update files are honoured: they remove that PMID if it was seen
   in an earlier position (a later file may add it back).
+- author: the first <Author> of the <AuthorList> as MEDLINE writes it, "LastName Initials" (or
+  its <CollectiveName>). The first author is the one who usually drafts the abstract, so the text
+  is most tied to that person (the last author, often the lab's head, signs many papers written by
+  others). Names that collide ("Wang Y") merge different people into one unit, which protects
+  each of them at least as well. An article without authors is a unit of its own, "pmid:<PMID>".
 - split: by a SHA-256 hash of the PMID, so a record always lands in the same split, whatever the
   other input files are, and splits never overlap.
 The parse is streaming (iterparse, elements cleared after use): memory grows only with the
@@ -100,6 +106,17 @@ def abstract_text(article):
     return "\n".join(sections)
 
 
+def first_author(article, pmid):
+    """'LastName Initials' of the first author (or a collective name); 'pmid:<PMID>' when none."""
+    author = article.find("AuthorList/Author") if article is not None else None
+    if author is not None:
+        name = " ".join(filter(None, [author.findtext("LastName", "").strip(), author.findtext("Initials", "").strip()]))
+        name = name or author.findtext("CollectiveName", "").strip()
+        if name:
+            return name
+    return f"pmid:{pmid}"
+
+
 def parse_file(path, records, dropped):
     """Stream one PubMed XML file into `records` (pmid -> record); count drops in `dropped`."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -121,8 +138,8 @@ def parse_file(path, records, dropped):
                 if not text:
                     dropped["no_abstract"] += 1
                 else:
-                    records[pmid] = {"text": text, "pmid": pmid,
-                                     "pub_date": publication_date(article)}
+                    records[pmid] = {"text": text, "pmid": pmid, "pub_date": publication_date(article),
+                                     "author": first_author(article, pmid)}
             elif elem.tag == "DeleteCitation":
                 for node in elem.iterfind("PMID"):
                     if records.pop((node.text or "").strip(), None) is not None:
@@ -166,7 +183,7 @@ def build(records, args, dropped):
 def save_atomically(splits, output_dir):
     from datasets import Dataset, DatasetDict
 
-    columns = ("text", "pmid", "pub_date")
+    columns = ("text", "pmid", "pub_date", "author")
     dataset = DatasetDict({name: Dataset.from_dict({c: [r[c] for r in recs] for c in columns})
                            for name, recs in splits.items()})
     replace_folder(output_dir, dataset.save_to_disk)

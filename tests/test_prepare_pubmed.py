@@ -15,8 +15,9 @@ def long_text(i):
     return f"Study {i} examined whether treatment {i} changes blood pressure in adults.{FILLER * 3}"
 
 
-def article(pmid, abstract=None, article_date=None, pub_date=None, medline_date=None):
-    """One <PubmedArticle>; abstract is plain text, a list of (label, xml) sections, or None."""
+def article(pmid, abstract=None, article_date=None, pub_date=None, medline_date=None, authors=None):
+    """One <PubmedArticle>; abstract is plain text, a list of (label, xml) sections, or None;
+    authors a list of (last name, initials) or a collective name (default: one author per PMID)."""
     parts = [f'<PubmedArticle><MedlineCitation Status="MEDLINE"><PMID Version="1">{pmid}</PMID>',
              "<Article><Journal><JournalIssue><PubDate>"]
     if pub_date:
@@ -32,12 +33,32 @@ def article(pmid, abstract=None, article_date=None, pub_date=None, medline_date=
                            else f"<AbstractText>{xml}</AbstractText>" for label, xml in abstract)
         parts.append(f"<Abstract>{sections}<CopyrightInformation>(c) Nobody</CopyrightInformation>"
                      "</Abstract>")
+    authors = [(f"Author{int(pmid) % 7}", "AB"), ("Second", "C")] if authors is None else authors
+    if authors:
+        parts.append(f"<AuthorList>{''.join(map(author_xml, authors))}</AuthorList>")
     if article_date:
         y, m, d = article_date
         parts.append(f'<ArticleDate DateType="Electronic"><Year>{y}</Year><Month>{m}</Month>'
                      f"<Day>{d}</Day></ArticleDate>")
     parts.append("</Article></MedlineCitation></PubmedArticle>")
     return "".join(parts)
+
+
+def author_xml(author):
+    if isinstance(author, tuple):
+        return f"<Author><LastName>{author[0]}</LastName><Initials>{author[1]}</Initials></Author>"
+    return f"<Author><CollectiveName>{author}</CollectiveName></Author>"
+
+
+def test_first_author_as_medline_writes_it():
+    import xml.etree.ElementTree as ET
+
+    def first(authors):
+        return prepare_pubmed.first_author(ET.fromstring(article(7, "x", authors=authors)).find("MedlineCitation/Article"), "7")
+
+    assert first([("McCulloch", "B"), ("Whithead", "CJ")]) == "McCulloch B"
+    assert first(["Study Group on Tests"]) == "Study Group on Tests"
+    assert first([]) == "pmid:7"  # no author: a unit of its own
 
 
 def xml_file(body):
@@ -102,7 +123,7 @@ def as_records(dataset_dict):
 def test_window_records_text_dates_and_drops(inputs, tmp_path, capsys):
     dd = run(inputs, tmp_path / "ds", "--start_date", "2023-08-01", "--end_date", "2023-08-07")
     assert list(dd) == ["train", "validation", "test"]
-    assert all(dd[s].column_names == ["text", "pmid", "pub_date"] for s in dd)
+    assert all(dd[s].column_names == ["text", "pmid", "pub_date", "author"] for s in dd)
     records = as_records(dd)
     expected = {"101", "103", "107", "109", "111"} | {str(1000 + i) for i in range(N_EXTRA)}
     assert set(records) == expected
@@ -111,6 +132,7 @@ def test_window_records_text_dates_and_drops(inputs, tmp_path, capsys):
     assert records["103"][1]["pub_date"] == "2023-08-05"
     assert records["107"][1]["pub_date"] == "2023-08-01"      # MedlineDate "2023 Aug-Sep"
     assert records["109"][1]["text"] == long_text(109)        # latest version of the PMID
+    assert records["103"][1]["author"] == f"Author{103 % 7} AB"  # the first author, MEDLINE style
     assert records["111"][1]["pub_date"] == "2023-08-07"
     assert all(len(dd[s]) > 0 for s in dd)
     out = capsys.readouterr().out

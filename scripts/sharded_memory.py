@@ -1,0 +1,219 @@
+"""Peak memory per process of train_clm.py with the base whole, and sharded over 1 and 2 processes
+(sharded loading, utils/sharded_loading.py), on a random Llama of about 1B parameters; the adapters
+of the three runs compared; the memory model's predictions beside the measurements.
+
+    python -m scripts.sharded_memory build --output models/random-llama-1.1b   # once, 4.4 GB on disk
+    python -m scripts.sharded_memory measure --model models/random-llama-1.1b --json sharded.json
+
+`build` saves a random Llama with TinyLlama-1.1B's shape (vocab 32000, hidden 2048, 22 layers,
+4 key-value heads) in float32 as 1 GB safetensors shards, with a small tokenizer trained on local
+text. `measure` runs, one after another, on CPU (gloo): the unsharded one-process run; torchrun
+with 1 and with 2 processes and --fsdp; and the same one-process run on a 2-layer model, whose
+peak is the process's fixed cost (interpreter, libraries, data) the memory model adds. Each
+process reports its own peak resident set (VmHWM from /proc, Linux), which, unlike a time, does
+not depend on what else the machine runs. The logical batch is the same in every run (4 records),
+so the adapters must agree.
+
+`worker` (used by `measure` and scripts/gpu_check.py) runs train_clm.main and writes the
+process's peaks to $SHARDED_MEMORY_REPORT/rank<r>.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SHAPE_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4)
+TRAIN_ARGS = ["--block_size", "64", "--clip_norm", "1.0", "--noise_multiplier", "1.0", "--max_train_steps", "2",
+              "--delta", "1e-3", "--seed", "7", "--insecure_dp_seed", "5", "--gradient_accumulation_steps", "1",
+              "--sampling", "poisson", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+              "--lora_r", "16", "--lora_alpha", "16"]
+LOGICAL_BATCH = 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="save the random ~1.1B Llama")
+    build.add_argument("--output", required=True)
+    build.add_argument("--layers", type=int, default=SHAPE_1B["num_hidden_layers"])
+    build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    measure = sub.add_parser("measure", help="the runs, their peaks, adapters and predictions")
+    measure.add_argument("--model", required=True)
+    measure.add_argument("--json", default=None)
+    measure.add_argument("--work_dir", default=None, help="default: a new temporary folder")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# build
+# ----------------------------------------------------------------------------------------------
+
+
+def build_random_llama(folder, shape=SHAPE_1B, layers=None, dtype=torch.float32, max_shard_size="1GB", seed=0):
+    """A random Llama of `shape` saved as safetensors shards with a small tokenizer; returns folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from utils.tiny_models import train_tokenizer
+
+    train_tokenizer(folder, add_bos=True)
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]},
+                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: one launched process
+# ----------------------------------------------------------------------------------------------
+
+
+def peaks():
+    """This process's peak resident set, and the accelerator's peak allocation where there is one."""
+    out = {"peak_rss_bytes": None, "peak_gpu_bytes": None}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                out["peak_rss_bytes"] = int(line.split()[1]) * 1024
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def worker(argv):
+    import torch.distributed as dist
+
+    import train_clm
+
+    train_clm.main(argv)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **peaks()}
+    folder = os.environ["SHARDED_MEMORY_REPORT"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# measure
+# ----------------------------------------------------------------------------------------------
+
+
+def write_data(folder):
+    from utils.tiny_models import local_sentences
+
+    sentences = local_sentences()
+    paths = {}
+    for split, part in (("train", sentences[:64]), ("validation", sentences[64:72])):
+        paths[split] = os.path.join(folder, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            for s in part:
+                f.write(json.dumps({"instruction": "", "answer": s}) + "\n")
+    return paths
+
+
+def launch(model, data, out, processes, fsdp, threads):
+    """One run of train_clm through the worker; returns the per-rank reports."""
+    reports = out + "_reports"
+    per_device = LOGICAL_BATCH // max(processes, 1)
+    script = ["-m", "scripts.sharded_memory", "worker", "--train_file", data["train"], "--validation_file",
+              data["validation"], "--model_name_or_path", model, *TRAIN_ARGS,
+              "--per_device_train_batch_size", str(per_device), "--output_dir", out] + (["--fsdp"] if fsdp else [])
+    if fsdp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *script]
+    else:
+        cmd = [sys.executable, *script]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+    found = sorted(os.listdir(reports))
+    if len(found) != max(processes, 1):
+        raise RuntimeError(f"{len(found)} reports from {processes} processes")
+    return [json.load(open(os.path.join(reports, name))) for name in found]
+
+
+def adapter_difference(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(a_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(b_dir, "adapter_model.safetensors"))
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    return float((num / sum((b[k].double() ** 2).sum() for k in b)).sqrt())
+
+
+def predictions(model, fixed_bytes):
+    from transformers import AutoConfig
+
+    from utils.memory_model import predict, shape_of
+
+    shape = shape_of(AutoConfig.from_pretrained(model))
+    common = dict(base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH, block_size=64, lora_r=16,
+                  gradient_ckpt=False, fixed_bytes=fixed_bytes)
+    return {"whole, 1 process": predict(shape, 1, fsdp=False, **common),
+            "sharded, 1 process": predict(shape, 1, fsdp=True, **common),
+            "sharded, 2 processes": predict(shape, 2, fsdp=True, **{**common, "micro_batch": LOGICAL_BATCH // 2})}
+
+
+def measure(args):
+    work = args.work_dir or tempfile.mkdtemp(prefix="sharded_memory_")
+    data = write_data(work)
+    tiny = build_random_llama(os.path.join(work, "two_layers"), layers=2)
+    baseline = launch(tiny, data, os.path.join(work, "fixed"), 1, False, threads=2)[0]["peak_rss_bytes"]
+    runs = {"whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, threads=2),
+            "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, threads=2),
+            "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, threads=1)}
+    fixed = baseline - predict_two_layer_model(tiny)
+    predicted = predictions(args.model, fixed)
+    whole = max(r["peak_rss_bytes"] for r in runs["whole, 1 process"])
+    result = {"model": args.model, "fixed_bytes": fixed, "runs": {}}
+    for label, reports in runs.items():
+        peak = max(r["peak_rss_bytes"] for r in reports)
+        folder = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}[label]
+        result["runs"][label] = {
+            "peak_rss_gib_per_process": [round(r["peak_rss_bytes"] / 2**30, 3) for r in reports],
+            "over_whole_run": round(peak / whole, 3),
+            "predicted_gib": round(predicted[label]["total"] / 2**30, 3),
+            "predicted_over_measured": round(predicted[label]["total"] / peak, 3),
+            "adapter_relative_difference_vs_whole": adapter_difference(os.path.join(work, folder),
+                                                                       os.path.join(work, "whole")),
+        }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def predict_two_layer_model(folder):
+    """The model-dependent part of the 2-layer run, subtracted to leave the fixed cost."""
+    from transformers import AutoConfig
+
+    from utils.memory_model import predict, shape_of
+
+    shape = shape_of(AutoConfig.from_pretrained(folder))
+    return predict(shape, 1, fsdp=False, base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH,
+                   block_size=64, lora_r=16, gradient_ckpt=False)["total"]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # train_clm.py's own arguments follow
+        return worker(argv[1:])
+    args = parse_args(argv)
+    if args.command == "build":
+        build_random_llama(args.output, layers=args.layers, dtype=getattr(torch, args.dtype))
+        print(f"saved {args.output}")
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""--load_in_4bit (QLoRA): an NF4 base from bitsandbytes, LoRA in float32, per-example gradients
+exact (docs/DESIGN.md 2.1: the per-example rules only touch the LoRA linears). bitsandbytes' CPU
+backend runs NF4 layers, so these run on CPU where bitsandbytes is installed; it is optional
+(README: 4-bit bases) and the tests that need it skip, saying so, where it is not. The GPU run of
+the same exactness check is in scripts/gpu_check.py (section qlora)."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_records
+
+NO_BNB = "bitsandbytes is not installed (optional: pip install bitsandbytes==0.50.2); its CPU backend runs these"
+
+
+def _has_bnb():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_bnb = pytest.mark.skipif(not _has_bnb(), reason=NO_BNB)
+
+
+@needs_bnb
+def test_4bit_base_with_float32_lora_gives_exact_per_example_gradients(tiny_llama):
+    from bitsandbytes.nn import Linear4bit
+
+    from scripts.gpu_check import make_batch, same_batch_exactness
+    from utils.lora_utils import add_lora
+    from utils.model_utils import load_model_4bit
+
+    model = add_lora(load_model_4bit(tiny_llama, "no", device="cpu"), 8, 8, seed=0)
+    quantised = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(quantised) == 2 * 7 and all(m.weight.quant_type == "nf4" for m in quantised)  # q,k,v,o,gate,up,down
+    assert all(m.compute_dtype == torch.bfloat16 for m in quantised)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    batch = make_batch(4, 24, model.config.vocab_size, torch.device("cpu"), ragged=True)
+    worst = same_batch_exactness(model.train(), batch, None)
+    print(f"4-bit base: max over records of relative difference to autograd of the record's own loss: {worst:.3g}")
+    assert worst < 1e-5
+
+
+@needs_bnb
+def test_train_clm_with_load_in_4bit(tiny_llama, text_records, tmp_path):
+    import train_clm
+    from utils.lora_utils import load_adapter
+
+    data = write_records(tmp_path / "d.jsonl", text_records[:24], jsonl=True)
+    out = tmp_path / "out"
+    train_clm.main(["--train_file", data, "--model_name_or_path", tiny_llama, "--output_dir", str(out),
+                    "--load_in_4bit", "--block_size", "48", "--per_device_train_batch_size", "4",
+                    "--max_train_steps", "2", "--clip_norm", "1", "--noise_multiplier", "1", "--delta", "1e-3",
+                    "--lora_r", "4", "--lora_alpha", "8"])
+    from transformers import AutoModelForCausalLM
+
+    trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.named_parameters())
+
+
+def _args(**kw):
+    base = dict(model_name_or_path="unused", block_size=32, keep_base_dropout=False, gradient_ckpt=False, lora_r=4,
+                lora_alpha=4, lora_dropout=0.0, lora_target_modules=None, seed=0, fsdp=False, load_in_4bit=True)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_without_bitsandbytes_the_error_says_how_to_install_it(tiny_llama, monkeypatch):
+    from accelerate import Accelerator
+
+    from utils.data_utils import UserInputError
+    from utils.model_setup import build_model
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(UserInputError, match=r"--load_in_4bit needs bitsandbytes: pip install bitsandbytes==") as err:
+        build_model(_args(model_name_or_path=tiny_llama), Accelerator(cpu=True), None)
+    assert "\n" not in str(err.value)
+
+
+@needs_bnb
+def test_a_backend_that_cannot_run_4bit_is_a_clear_error(monkeypatch):
+    import bitsandbytes
+
+    from utils.data_utils import UserInputError
+    from utils.model_utils import check_4bit_backend
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device\nsecond line")
+
+    monkeypatch.setattr(bitsandbytes.nn, "Linear4bit", broken)
+    with pytest.raises(UserInputError, match=r"cannot run 4-bit layers on cpu \(no kernel for this device\)$"):
+        check_4bit_backend("cpu")
+
+
+def test_4bit_with_fsdp_is_refused(tiny_llama, monkeypatch):
+    from accelerate import Accelerator
+
+    import utils.model_setup as model_setup
+    from utils.data_utils import UserInputError
+
+    monkeypatch.setattr(model_setup, "fsdp_requested", lambda flag, accelerator: True)
+    with pytest.raises(UserInputError, match="--load_in_4bit with FSDP.*accelerate_config_nofsdp.cfg"):
+        model_setup.build_model(_args(model_name_or_path=tiny_llama, fsdp=True), Accelerator(cpu=True), None)
