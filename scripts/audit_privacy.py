@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import sys
 
 import torch
 from scipy import stats
@@ -182,6 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--num_population", type=int, default=64, help="sentences used without --population_file")
     p.add_argument("--num_canaries", type=int, default=256, help="m")
     p.add_argument("--canary_tokens", type=int, default=8, help="random vocabulary tokens per canary")
+    p.add_argument("--unit_records", type=int, default=1,
+                   help="records per canary: above 1, each canary is a privacy unit of that many records "
+                        "(train_clm.py --privacy_unit_key), audited at unit level")
     p.add_argument("--num_guesses", type=int, default=None,
                    help="r = k+ + k-, the rest abstained on (default: min(m, 100))")
     p.add_argument("--confidence", type=float, default=0.95)
@@ -198,6 +200,8 @@ def parse_args(argv=None):
         raise UserInputError(f"--num_canaries {args.num_canaries}: must be at least 2")
     if args.canary_tokens < 1:
         raise UserInputError(f"--canary_tokens {args.canary_tokens}: must be at least 1")
+    if args.unit_records < 1:
+        raise UserInputError(f"--unit_records {args.unit_records}: must be at least 1")
     args.num_guesses = min(args.num_canaries, 100) if args.num_guesses is None else args.num_guesses
     if not 1 <= args.num_guesses <= args.num_canaries:
         raise UserInputError(f"--num_guesses {args.num_guesses}: must be in [1, --num_canaries {args.num_canaries}]")
@@ -240,46 +244,23 @@ def main(argv=None):
     if args.attack == "release":
         return report_release_audit(args, release_audit(args, privacy + passed_on, model_path, make_canaries))
 
-    # canaries: each included independently with probability 1/2 (the audit's own randomness)
     tokenizer = load_tokenizer(model_path)
-    rng = random.Random(args.audit_seed)
-    canaries = make_canaries(tokenizer, args.num_canaries, args.canary_tokens, rng)
-    included = [rng.random() < 0.5 for _ in canaries]
-    population = (read_population(args.population_file) if args.population_file
-                  else [("", s) for s in local_sentences(args.num_population)])
-    records = population + [("", c) for c, inc in zip(canaries, included) if inc]
-    rng.shuffle(records)
-    data_file = os.path.join(args.output_dir, "train.jsonl")
-    with open(data_file, "w") as f:
-        for instruction, answer in records:
-            f.write(json.dumps({"instruction": instruction, "answer": answer}) + "\n")
-
-    # train with the project's own code; arguments passed on come last and override these defaults
+    canaries, included, population, data_file = write_training_set(args, tokenizer)
     run_dir = os.path.join(args.output_dir, "run")
-    defaults = ["--block_size", "64", "--per_device_train_batch_size", "8",
-                "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
-    if tiny:
-        defaults += ["--lora_target_modules", TINY_TARGETS]
-    train_argv = ["--train_file", data_file, "--model_name_or_path", model_path, "--output_dir", run_dir,
-                  "--delta", repr(args.delta), *defaults, *privacy, *passed_on]
-    # the number of steps must not depend on which canaries were drawn in: fix it from the
-    # expected data set size (the arguments are checked here too, before anything is trained)
-    planned = train_clm.parse_args(train_argv)
-    if planned.max_train_steps is None:
-        expected_size = len(population) + args.num_canaries / 2
-        batch = planned.per_device_train_batch_size * planned.gradient_accumulation_steps
-        train_argv += ["--max_train_steps", str(math.ceil(args.num_train_epochs * expected_size / batch))]
+    train_argv = training_arguments(args, data_file, model_path, run_dir, tiny, len(population), privacy + passed_on)
     print("training: train_clm.py " + " ".join(train_argv), flush=True)
     train_clm.main(train_argv)
     with open(os.path.join(run_dir, "privacy_report.json")) as f:
         report = json.load(f)
-    block_size = planned.block_size
 
-    # score: loss drop of each canary from the base model (= the initial adapter) to the trained adapter
+    # score: loss drop of each canary unit from the base model (= the initial adapter) to the trained adapter
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_adapter(load_model(model_path), run_dir).eval().to(device)
-    trained, base = canary_losses(model, tokenizer, canaries, block_size)
-    scores = [b - t for b, t in zip(base, trained)]
+    texts = [text for unit in canaries for text in unit]
+    trained, base = canary_losses(model, tokenizer, texts, train_clm.parse_args(train_argv).block_size)
+    per_unit = args.unit_records
+    scores = [sum(base[i:i + per_unit]) / per_unit - sum(trained[i:i + per_unit]) / per_unit
+              for i in range(0, len(texts), per_unit)]
     k_plus, k_minus, correct = guess_and_count(scores, included, args.num_guesses)
     m, r = args.num_canaries, args.num_guesses
     bound = epsilon_lower_bound(m, r, correct, args.delta, args.confidence)
@@ -290,6 +271,7 @@ def main(argv=None):
         "confidence": args.confidence,
         "delta": args.delta,
         "num_canaries": m, "num_included": sum(included), "num_guesses": r, "k_plus": k_plus, "k_minus": k_minus,
+        "records_per_canary": per_unit, "privacy_unit": report.get("privacy_unit"),
         "correct_guesses": correct,
         "mean_score_included": _mean([s for s, i in zip(scores, included) if i]),
         "mean_score_excluded": _mean([s for s, i in zip(scores, included) if not i]),
@@ -300,18 +282,57 @@ def main(argv=None):
         "note": ("steps fixed from the expected data set size; the sampling rate q = B/N follows the realised "
                  "size (canaries drawn in included); the claimed epsilon is the run's own report"),
         "train_args": train_argv,
-        "canaries": [{"text": c, "included": inc, "score": s, "loss_base": b, "loss_trained": t}
-                     for c, inc, s, b, t in zip(canaries, included, scores, base, trained)],
+        "canaries": [{"texts": unit, "included": inc, "score": s} for unit, inc, s in zip(canaries, included, scores)],
     }
     with open(os.path.join(args.output_dir, "audit.json"), "w") as f:
         json.dump(result, f, indent=2)
     shown = "inf (non-private)" if claimed is None else f"{claimed:.3f}"
-    print(f"audit: {correct} of {r} guesses correct ({m} canaries, {sum(included)} included)")
+    unit = f" of {per_unit} records each" if per_unit > 1 else ""
+    print(f"audit: {correct} of {r} guesses correct ({m} canaries{unit}, {sum(included)} included)")
     print(f"claimed epsilon: {shown} at delta {args.delta:g}")
     print(f"empirical epsilon lower bound: {bound:.3f} at {100 * args.confidence:g}% confidence")
     if claimed is not None and bound > claimed:
         print("WARNING: the empirical lower bound exceeds the claimed epsilon: the privacy claim is violated")
     return result
+
+
+def write_training_set(args, tokenizer):
+    """Canary units (each of --unit_records random texts), each included independently with
+    probability 1/2 (the audit's own randomness), beside the population; the training file."""
+    rng = random.Random(args.audit_seed)
+    texts = make_canaries(tokenizer, args.num_canaries * args.unit_records, args.canary_tokens, rng)
+    canaries = [texts[i:i + args.unit_records] for i in range(0, len(texts), args.unit_records)]
+    included = [rng.random() < 0.5 for _ in canaries]
+    population = (read_population(args.population_file) if args.population_file
+                  else [("", s) for s in local_sentences(args.num_population)])
+    records = [(i, a, f"p{k}") for k, (i, a) in enumerate(population)]
+    records += [("", text, f"c{k}") for k, (unit, inc) in enumerate(zip(canaries, included)) if inc for text in unit]
+    rng.shuffle(records)
+    data_file = os.path.join(args.output_dir, "train.jsonl")
+    with open(data_file, "w") as f:
+        for instruction, answer, unit in records:
+            f.write(json.dumps({"instruction": instruction, "answer": answer, "unit": unit}) + "\n")
+    return canaries, included, population, data_file
+
+
+def training_arguments(args, data_file, model_path, run_dir, tiny, population, passed_on):
+    """train_clm.py's arguments: this audit's defaults, then those passed on (which override them)."""
+    defaults = ["--block_size", "64", "--per_device_train_batch_size", "8",
+                "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
+    if tiny:
+        defaults += ["--lora_target_modules", TINY_TARGETS]
+    if args.unit_records > 1:  # a canary is a unit of several records, clipped and accounted as one
+        defaults += ["--privacy_unit_key", "unit", "--max_records_per_unit", str(args.unit_records)]
+    train_argv = ["--train_file", data_file, "--model_name_or_path", model_path, "--output_dir", run_dir,
+                  "--delta", repr(args.delta), *defaults, *passed_on]
+    # the number of steps must not depend on which canaries were drawn in: fix it from the
+    # expected number of units (the arguments are checked here too, before anything is trained)
+    planned = train_clm.parse_args(train_argv)
+    if planned.max_train_steps is None:
+        expected_size = population + args.num_canaries / 2
+        batch = planned.per_device_train_batch_size * planned.gradient_accumulation_steps
+        train_argv += ["--max_train_steps", str(math.ceil(args.num_train_epochs * expected_size / batch))]
+    return train_argv
 
 
 def report_release_audit(args, result):

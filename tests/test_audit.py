@@ -114,3 +114,23 @@ def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, caps
     else:
         assert result["empirical_epsilon_lower_bound"] == 0.0
         assert abs(result["flagged_with_canary"] - result["flagged_without_canary"]) <= 3
+
+
+@pytest.mark.parametrize("mode", ["--non_private", "dp"])
+def test_unit_level_audit_with_canaries_of_three_records(tmp_path, capsys, mode):
+    """Each canary is a privacy unit of three records: without noise the audit sees them, with DP at
+    unit level its bound stays below the claim."""
+    extra = [mode] if mode != "dp" else ["--target_epsilon", "4"]
+    threads = torch.get_num_threads()
+    try:
+        result = audit.main(["--output_dir", str(tmp_path / "audit"), "--insecure_dp_seed", "1", "--unit_records", "3",
+                             "--num_canaries", "64", "--num_guesses", "40", *extra])
+    finally:
+        torch.set_num_threads(threads)
+    assert "of 3 records each" in capsys.readouterr().out
+    assert result["records_per_canary"] == 3 and result["privacy_unit"] == "unit"
+    if mode == "dp":
+        assert result["empirical_epsilon_lower_bound"] <= result["claimed_epsilon"], result["correct_guesses"]
+    else:
+        assert result["mean_score_included"] > result["mean_score_excluded"] + 0.5
+        assert result["empirical_epsilon_lower_bound"] > 1.0, result["correct_guesses"]
