@@ -27,7 +27,7 @@ class TrainingState:
         self.step = 0
         self.run_facts = {}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {
             "adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
             "optimizer": self.optimizer.state_dict(),
@@ -38,7 +38,7 @@ class TrainingState:
             "run_facts": dict(self.run_facts),
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         mismatched = {k: (state["run_facts"].get(k), v) for k, v in self.run_facts.items()
                       if state["run_facts"].get(k) != v}
         if mismatched:
@@ -56,12 +56,12 @@ class TrainingState:
 FINISHED_MARK = "privacy_report.json"  # written only when a run has finished and published its outputs
 
 
-def run_folder(checkpoint):
+def run_folder(checkpoint: str) -> str:
     """The output folder a checkpoint (output_dir/checkpoints/step_N) belongs to."""
     return os.path.dirname(os.path.dirname(os.path.normpath(checkpoint)))
 
 
-def refuse_finished_run(output_dir):
+def refuse_finished_run(output_dir: str) -> None:
     """A finished run is final: resuming it would train a second adapter on the same data with fresh
     noise, two releases under one reported epsilon."""
     if os.path.exists(os.path.join(output_dir, FINISHED_MARK)):
@@ -70,11 +70,11 @@ def refuse_finished_run(output_dir):
                          "Start a new run in a new --output_dir")
 
 
-def checkpoint_root(output_dir):
+def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, CHECKPOINT_DIR)
 
 
-def save_checkpoint(accelerator, output_dir, step):
+def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
     """Save into a scratch folder, then rename: a crash mid-save leaves no folder named step_N."""
     root = checkpoint_root(output_dir)
     final = os.path.join(root, f"step_{step}")
@@ -92,13 +92,13 @@ def save_checkpoint(accelerator, output_dir, step):
     return final
 
 
-def latest_checkpoint(output_dir):
+def latest_checkpoint(output_dir: str) -> str | None:
     root = checkpoint_root(output_dir)
     steps = [int(m.group(1)) for m in map(_NAME.match, os.listdir(root) if os.path.isdir(root) else []) if m]
     return os.path.join(root, f"step_{max(steps)}") if steps else None
 
 
-def resolve_resume(value, output_dir):
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
     """--resume_from_checkpoint -> the checkpoint folder (None: start fresh). A finished run, in
     output_dir or the folder the checkpoint belongs to, is never resumed."""
     if value is None:
@@ -112,7 +112,7 @@ def resolve_resume(value, output_dir):
     return checkpoint
 
 
-def resolve_checkpoint(value, output_dir):
+def resolve_checkpoint(value: str, output_dir: str) -> str | None:
     """--resume_from_checkpoint PATH|latest -> folder (None: start fresh when 'latest' finds none)."""
     if value == "latest":
         return latest_checkpoint(output_dir)

@@ -21,7 +21,7 @@ DEFAULT_PUBMED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 # ----------------------------------------------------------------------------------------------
 
 
-def load_records_file(path, unit_key=None):
+def load_records_file(path: str, unit_key: str | None = None) -> datasets.Dataset:
     """The seed's JSON ({"instruction": [...], "answer": [...]}) or JSON Lines records -> Dataset.
 
     unit_key: records also carry their privacy unit's id (a user, patient or author) under this key."""
@@ -102,7 +102,7 @@ def _columns_to_records(ds, path, keys):
                   batched=True, batch_size=1, remove_columns=ds.column_names)
 
 
-def load_pubmed(dataset_dir=None, unit_key=None):
+def load_pubmed(dataset_dir: str | None = None, unit_key: str | None = None) -> datasets.DatasetDict:
     """The built PubMed DatasetDict as instruction/answer records with the seed's prompt (and the
     unit_key column, e.g. author, kept for the training split)."""
     dataset_dir = dataset_dir or DEFAULT_PUBMED_DIR
@@ -125,7 +125,8 @@ def load_pubmed(dataset_dir=None, unit_key=None):
     })
 
 
-def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, dataset_dir=None, unit_key=None):
+def load_raw_datasets(dataset_name: str | None = None, train_file: str | None = None, validation_file: str | None = None,
+                      dataset_dir: str | None = None, unit_key: str | None = None) -> datasets.DatasetDict:
     """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records; the
     training records keep their privacy unit's id under unit_key when it is given."""
     if dataset_name is not None:
@@ -143,7 +144,7 @@ def load_raw_datasets(dataset_name=None, train_file=None, validation_file=None, 
     return raw
 
 
-def privacy_units(ds, key, name):
+def privacy_units(ds: datasets.Dataset, key: str, name: str) -> list[list[int]]:
     """Record indices grouped by their unit id under `key`, units in order of first appearance.
     An id must be text or a whole number: anything else is refused naming the record."""
     groups = {}
@@ -172,14 +173,14 @@ def _check_text(name, i, key, value):
 # ----------------------------------------------------------------------------------------------
 
 
-def join_prompt_answer(instruction, answer):
+def join_prompt_answer(instruction: str, answer: str) -> str:
     """Training text = instruction, a space, answer (nothing added when either side is empty)."""
     if not instruction or not answer or instruction[-1].isspace():
         return instruction + answer
     return instruction + " " + answer
 
 
-def encode(tokenizer, text):
+def encode(tokenizer, text: str) -> list[int]:
     """Token ids with the model's own special prefix; a BOS is prepended when the tokenizer has one
     but does not add it (GPT-2), so that an empty prompt still gives a starting token."""
     ids = tokenizer(text)["input_ids"]
@@ -189,12 +190,12 @@ def encode(tokenizer, text):
     return ids
 
 
-def encode_prompt(tokenizer, instruction):
+def encode_prompt(tokenizer, instruction: str) -> list[int]:
     """The prompt the model sees at generation time: exactly the prefix it was trained on."""
     return encode(tokenizer, instruction)
 
 
-def tokenize_record(tokenizer, instruction, answer, block_size):
+def tokenize_record(tokenizer, instruction: str, answer: str, block_size: int) -> dict:
     """input_ids (EOS appended after truncation to block_size - 1) and the prompt length."""
     prompt = encode_prompt(tokenizer, instruction)
     full = encode(tokenizer, join_prompt_answer(instruction, answer))
@@ -208,7 +209,7 @@ def tokenize_record(tokenizer, instruction, answer, block_size):
     return {"input_ids": ids, "prompt_len": min(prompt_len, len(ids) - 1), "truncated": truncated}
 
 
-def tokenize_dataset(ds, tokenizer, block_size, desc="Tokenizing"):
+def tokenize_dataset(ds: datasets.Dataset, tokenizer, block_size: int, desc: str = "Tokenizing") -> datasets.Dataset:
     """Cached by `datasets`: a rerun with the same tokenizer and block size does not retokenise."""
     return ds.map(
         lambda r: tokenize_record(tokenizer, r["instruction"], r["answer"], block_size),

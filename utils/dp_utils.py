@@ -183,7 +183,7 @@ def _layer_name(name):
     return name.removeprefix("base_model.model.")
 
 
-def trainable_modules(model):
+def trainable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the modules owning trainable parameters; each must have a per-example rule."""
     modules = []
     by_name = dict(model.named_modules())
@@ -227,7 +227,7 @@ class DPRandomness:
         self.seed = _broadcast_int(seed)
         self.device = torch.device(device)
 
-    def generator(self, purpose, step, device=None):
+    def generator(self, purpose: str, step: int, device: str | None = None) -> torch.Generator:
         digest = hashlib.sha256(f"{self.seed}:{purpose}:{step}".encode()).digest()
         gen = torch.Generator(device=device or "cpu")
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -352,7 +352,7 @@ class DPGradient:
                                          "its per-example gradient would not be the record's own; leave it out of "
                                          "--lora_target_modules")
 
-    def detach(self):
+    def detach(self) -> None:
         """Restore the layers' own forward (e.g. before saving or generating)."""
         for module in self._saved_forwards:
             del module.forward
@@ -363,7 +363,8 @@ class DPGradient:
 
     # -- per micro-batch ----------------------------------------------------------------------
 
-    def accumulate_micro_batch(self, losses=None, counts=None, units=None):
+    def accumulate_micro_batch(self, losses: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                               units: torch.Tensor | None = None) -> None:
         """Clip this micro-batch's per-example gradients and add them to the step's sum.
 
         losses, counts: the records' losses and label-token counts (per_record_loss); records
@@ -414,7 +415,7 @@ class DPGradient:
 
     # -- per logical step ---------------------------------------------------------------------
 
-    def logical_step(self, micro_batch_losses, step):
+    def logical_step(self, micro_batch_losses, step: int) -> "StepStats":
         """The whole step: for each micro-batch's (losses, counts[, units]) (its forward runs as the
         iterable yields it), backward of the sum of per-record losses and clipped accumulation; then
         finish_step. Training, benchmarks and checks share this one driver."""
@@ -427,7 +428,7 @@ class DPGradient:
             self.accumulate_micro_batch(losses, counts, units)
         return self.finish_step(step)
 
-    def finish_step(self, step):
+    def finish_step(self, step: int) -> "StepStats":
         """Sum over processes, add one noise draw, divide by B, write into param.grad; returns the
         step's StepStats (its `released_loss` is private; every other field is console-only)."""
         flat, self.summed = self.summed, self._new_sum()  # param.grad will be views of `flat`
@@ -457,12 +458,12 @@ class DPGradient:
         gen = self.randomness.generator(purpose, step, device=like.device.type)
         return torch.normal(0.0, std, shape, generator=gen, device=like.device, dtype=like.dtype)
 
-    def noise_std(self):
+    def noise_std(self) -> float:
         """Standard deviation of the noise in the averaged gradient: sigma * C / B."""
         return self.noise_multiplier * self.clip_norm / self.expected_batch_size
 
 
-def unit_weights(units):
+def unit_weights(units: torch.Tensor | None) -> torch.Tensor | None:
     """1 / (records of the row's unit) for each row; None when every record is its own unit."""
     if units is None:
         return None
@@ -480,7 +481,7 @@ class StepStats:
     nonfinite: int
 
 
-def secure_gaussian(shape, std, dtype=torch.float32, device="cpu"):
+def secure_gaussian(shape: tuple, std: float, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
     """N(0, std^2) from the operating system's cryptographically secure generator.
 
     Uniforms are 53-bit integers from os.urandom, turned into normals by Box-Muller in float64.
@@ -503,7 +504,7 @@ def secure_gaussian(shape, std, dtype=torch.float32, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
-def per_record_loss(logits, labels):
+def per_record_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss of each record over its own label tokens: [n].
 
     Normalising by the record's own count (not the micro-batch's) keeps each record's gradient

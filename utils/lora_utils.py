@@ -29,7 +29,7 @@ def _leaf(name):
     return name.rsplit(".", 1)[-1]
 
 
-def attention_linears(model):
+def attention_linears(model: nn.Module) -> list[str]:
     """Full names of the linear children of the model's attention modules, fused qkv projections
     (qkv_proj, query_key_value, c_attn, Wqkv) included: asked of the model itself, so a new family
     needs no table (the original recipe adapts attention only)."""
@@ -40,7 +40,7 @@ def attention_linears(model):
     return sorted(names)
 
 
-def default_target_modules(model):
+def default_target_modules(model: nn.Module) -> list[str] | str:
     """The attention linears as PEFT targets: their short names (q_proj, ...) when no other layer
     shares them, else a regex over their paths (GPT-2: attn.c_proj, but not mlp.c_proj)."""
     names = attention_linears(model)
@@ -63,7 +63,7 @@ def _linear_leaves(model):
     return sorted({_leaf(n) for n, m in model.named_modules() if _is_linear(m)})
 
 
-def check_targets(model, targets):
+def check_targets(model: nn.Module, targets: list[str] | str) -> None:
     """Every name given must match a layer: PEFT itself only complains when none does."""
     if targets == "all-linear":
         return
@@ -85,7 +85,7 @@ def check_targets(model, targets):
             raise UserInputError(f"--lora_target_modules: '{target}' matches no layer of this model ({hint})")
 
 
-def parse_target_modules(value):
+def parse_target_modules(value: str | None) -> list[str] | str | None:
     """'q_proj,v_proj' -> list; PEFT's 'all-linear' and a single value with regex characters stay strings."""
     if value is None:
         return None
@@ -95,7 +95,8 @@ def parse_target_modules(value):
     return parts
 
 
-def add_lora(model, r, alpha, dropout=0.0, target_modules=None, seed=0):
+def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | str | None = None,
+             seed: int = 0) -> PeftModel:
     """Wrap the model with LoRA adapters; the initialisation depends only on `seed`.
 
     target_modules: names, one regex or 'all-linear'; by default the attention linears. The
@@ -115,7 +116,7 @@ def add_lora(model, r, alpha, dropout=0.0, target_modules=None, seed=0):
     return peft_model
 
 
-def lora_summary(model):
+def lora_summary(model: nn.Module) -> str:
     """'LoRA on 8 layers (self_attn.q_proj x2, ...): 4,096 trainable parameters'."""
     layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     kinds = Counter(".".join(p for p in n.split(".")[-2:] if not p.isdigit()) for n in layers)
@@ -124,7 +125,7 @@ def lora_summary(model):
     return f"LoRA on {len(layers)} layers ({listed}): {params:,} trainable parameters"
 
 
-def save_adapter(model, output_dir):
+def save_adapter(model: PeftModel, output_dir: str) -> None:
     """PEFT adapter files (adapter_config.json + adapter_model.safetensors) and lora_weights.bin.
 
     Only what was trained: with lm_head (or embed_tokens) as a target PEFT would also save that
@@ -141,7 +142,7 @@ def _shape_mismatch(path, err):
     return f"{path}: adapter does not match the base model ({first})"
 
 
-def load_adapter(base_model, path, is_trainable=False):
+def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -> PeftModel:
     """Base model + adapter from a PEFT folder or a lora_weights.bin (with its adapter_config.json
     beside it). Rank, alpha and targets come from the adapter, never from defaults; every tensor
     must match the base model."""

@@ -11,12 +11,12 @@ from utils.cli import UserInputError, run_cli  # noqa: F401 (run_cli: its former
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def access_token(args_token):
+def access_token(args_token: str | None) -> str | None:
     """--access_token, else the HF_TOKEN environment variable (preferred: it stays off the command line)."""
     return args_token or os.environ.get("HF_TOKEN")
 
 
-def check_model_path(name):
+def check_model_path(name: str) -> None:
     """A name that can only be a local path (absolute, ./, ~, a file, nested folders) must be a folder."""
     looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_local and not os.path.isdir(os.path.expanduser(name)):
@@ -24,7 +24,7 @@ def check_model_path(name):
         raise UserInputError(f"--model_name_or_path {name}: {what}")
 
 
-def load_tokenizer(name, token=None, padding_side="right"):
+def load_tokenizer(name: str, token: str | None = None, padding_side: str = "right"):
     check_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, token=token)
@@ -40,7 +40,7 @@ def load_tokenizer(name, token=None, padding_side="right"):
     return tokenizer
 
 
-def load_model(name, mixed_precision="no", token=None):
+def load_model(name: str, mixed_precision: str = "no", token: str | None = None) -> torch.nn.Module:
     """Weights in the mixed-precision dtype (bf16/fp16) or float32; LoRA adapters stay float32."""
     check_model_path(name)
     try:
@@ -94,7 +94,7 @@ def load_model_4bit(name, mixed_precision="no", token=None, device="cpu"):
     return model
 
 
-def disable_base_dropout(model):
+def disable_base_dropout(model: torch.nn.Module) -> dict[str, float]:
     """Every dropout of the base model set to 0: the config's rates, nn.Dropout modules and the
     float rates attention layers keep for functional dropout (Llama's attention_dropout, OPT's
     dropout). Under DP dropout costs utility (Li et al. 2022) and makes a step impossible to check
@@ -113,13 +113,13 @@ def disable_base_dropout(model):
     return was
 
 
-def context_length(model):
+def context_length(model: torch.nn.Module) -> int | None:
     """The model's context in tokens, as its config states it (None when it states none)."""
     config = model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_block_size(block_size, model):
+def check_block_size(block_size: int, model: torch.nn.Module) -> None:
     context = context_length(model)
     if block_size < 2:
         raise UserInputError(f"--block_size {block_size}: must be at least 2")
@@ -127,7 +127,7 @@ def check_block_size(block_size, model):
         raise UserInputError(f"--block_size {block_size}: beyond the model's context length {context}")
 
 
-def uniform_guess_loss(model):
+def uniform_guess_loss(model: torch.nn.Module) -> float:
     """ln(V): the per-token loss of a uniform guess over the model's output vocabulary."""
     return math.log(model.get_output_embeddings().weight.shape[0])
 

@@ -12,6 +12,7 @@ the gradient (`--train_loss private`, the default), not at all (`off`), or exact
 curator-only debugging mode whose file says NOT_PRIVATE and whose report says so).
 """
 
+import argparse
 import dataclasses
 import math
 
@@ -30,7 +31,7 @@ TRAIN_LOSS_MODES = ("private", "off", "exact")
 EXACT_LOG_FILE = "training_log.NOT_PRIVATE_exact_losses.json"
 
 
-def add_privacy_args(parser):
+def add_privacy_args(parser: argparse.ArgumentParser):
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--clip_norm", type=float, default=1.0, help="per-example clipping norm C (<0: non-private)")
     privacy.add_argument("--noise_multiplier", type=float, default=None, help="sigma of the gradient (<0: non-private)")
@@ -55,7 +56,7 @@ def add_privacy_args(parser):
     return privacy
 
 
-def validate_privacy_args(args):
+def validate_privacy_args(args: argparse.Namespace) -> None:
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise UserInputError("--target_epsilon and --noise_multiplier exclude each other: give one")
     if args.target_epsilon is not None and args.clip_norm <= 0:
@@ -111,11 +112,11 @@ class PrivacyPlan:
             return "noise multiplier 0: clipping only, epsilon is infinite"
         return self.sampling_caveat
 
-    def epsilon(self, steps=None, relation=None):
+    def epsilon(self, steps: int | None = None, relation: str | None = None) -> float | None:
         """Epsilon after `steps` (default: the steps taken so far); None when non-private."""
         return self.accountant.epsilon(steps, relation) if self.accountant else None
 
-    def plan_line(self):
+    def plan_line(self) -> str:
         if not self.private:
             return f"non-private training: epsilon = infinity ({self.steps} steps, expected batch {self.expected_batch_size})"
         a = self.args
@@ -127,7 +128,7 @@ class PrivacyPlan:
                 f"{self.expected_batch_size} {self.unit_name}, {a.sampling} sampling)")
         return line + (f"\nnote: {self.caveat}" if self.caveat else "")
 
-    def report(self, steps, num_processes):
+    def report(self, steps: int, num_processes: int) -> dict:
         """privacy_report.json: the guarantee of the `steps` steps taken, and how it was obtained."""
         a, private = self.args, self.private
         report = {
@@ -162,13 +163,13 @@ class PrivacyPlan:
         return report
 
 
-def noise_source(args):
+def noise_source(args: argparse.Namespace) -> str:
     if args.insecure_dp_seed is not None:
         return "insecure (--insecure_dp_seed)"
     return "os cryptographic generator, sum of 4 draws (--secure_noise)" if args.secure_noise else "os-seeded generator"
 
 
-def make_privacy_plan(args, sampler, default_loss_clip, say=print):
+def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: float, say=print) -> PrivacyPlan:
     """Validate against the data, calibrate sigma, apply the budget guard; the run's PrivacyPlan.
 
     The sampler states the sampling rate q the accountant composes, the planned steps and its

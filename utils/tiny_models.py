@@ -6,7 +6,7 @@ import pydoc
 import torch
 
 
-def local_sentences(limit=400):
+def local_sentences(limit: int = 400) -> list[str]:
     """Real English text available offline: sentences of standard-library docstrings."""
     out, seen = [], set()
     for name in ["json", "argparse", "collections", "functools", "itertools", "os", "re", "string",
@@ -22,7 +22,7 @@ def local_sentences(limit=400):
     return out[:limit]
 
 
-def train_tokenizer(folder, add_bos):
+def train_tokenizer(folder: str, add_bos: bool):
     """A 400-token byte-level BPE; `add_bos` makes it prepend <s> itself, as Llama's does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -40,7 +40,7 @@ def train_tokenizer(folder, add_bos):
     return fast
 
 
-def build_tiny_model(folder, kind="llama", dtype=torch.float32, seed=0):
+def build_tiny_model(folder: str, kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
     """A random 2-layer model (hidden 64) saved with its tokenizer into `folder`."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

@@ -15,13 +15,13 @@ def _to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def forward_losses(model, batch, accelerator):
+def forward_losses(model: torch.nn.Module, batch: dict, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     with accelerator.autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_record_loss(logits, batch["labels"])
 
 
-def train_logical_step(model, micro_batches, collator, dp_gradient, accelerator, step):
+def train_logical_step(model: torch.nn.Module, micro_batches: list, collator, dp_gradient, accelerator, step: int):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
     in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
     def forward(micro_batch):
@@ -32,7 +32,7 @@ def train_logical_step(model, micro_batches, collator, dp_gradient, accelerator,
     return dp_gradient.logical_step(map(forward, micro_batches), step)
 
 
-def records_and_units(micro_batch):
+def records_and_units(micro_batch: list) -> tuple[list, torch.Tensor | None]:
     """A micro-batch of records, or of units (each a list of its records): the record indices and,
     when some unit holds several records, each record's unit slot (else None)."""
     if not micro_batch or not isinstance(micro_batch[0], list):
@@ -55,7 +55,7 @@ class StepLog:
         self.history, self.exact, self.postfix = [], [], {}
         self.last_released_loss = None
 
-    def add(self, step, stats, lr, with_epsilon):
+    def add(self, step: int, stats, lr: float, with_epsilon: bool) -> dict:
         plan = self.plan
         row = {"step": step, "lr": lr}
         loss = stats.released_loss if plan.private else stats.exact_loss
@@ -73,7 +73,7 @@ class StepLog:
         return row
 
 
-def build_optimizer(params, args, total_steps):
+def build_optimizer(params: list, args, total_steps: int):
     """AdamW (or plain SGD) over the LoRA parameters, with the requested learning-rate schedule."""
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -84,13 +84,13 @@ def build_optimizer(params, args, total_steps):
     return optimizer, scheduler
 
 
-def tracker_config(args):
+def tracker_config(args) -> dict:
     """The run's arguments for the tracker: public configuration, the access token left out."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
             if k != "access_token"}
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         reduced = tensor.to(device)
@@ -100,7 +100,7 @@ def all_reduce_sum(tensor):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, collator, batch_size, accelerator):
+def evaluate(model: torch.nn.Module, dataset, collator, batch_size: int, accelerator) -> dict[str, float]:
     """Token-weighted validation loss and perplexity, the validation set split over processes."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
