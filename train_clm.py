@@ -24,7 +24,8 @@ from transformers import SchedulerType
 from utils.checkpoint_utils import TrainingState, resolve_resume, save_checkpoint
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import Collator, load_raw_datasets, privacy_units, tokenize_dataset
-from utils.dp_utils import DPGradient, DPRandomness
+from utils.dp_randomness import DPRandomness
+from utils.dp_utils import DPGradient
 from utils.fsdp_utils import assert_replicas_agree
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model

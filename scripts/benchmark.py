@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from utils.dp_utils import DPGradient, DPRandomness, per_record_loss
+from utils.dp_randomness import DPRandomness
+from utils.dp_utils import DPGradient, per_record_loss
 from utils.lora_utils import add_lora
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     measure.add_argument("--model", required=True)
     measure.add_argument("--json", default=None)
     measure.add_argument("--work_dir", default=None, help="default: a new temporary folder")
+    measure.add_argument("--malloc_mmap_threshold", type=int, default=None, metavar="BYTES",
+                         help="glibc's MALLOC_MMAP_THRESHOLD_ for every run (default: glibc's own, dynamic)")
     return p.parse_args(argv)
 
 
@@ -120,7 +122,7 @@ def write_data(folder):
     return paths
 
 
-def launch(model, data, out, processes, fsdp, threads):
+def launch(model, data, out, processes, fsdp, threads, extra_env=None):
     """One run of train_clm through the worker; returns the per-rank reports."""
     reports = out + "_reports"
     per_device = LOGICAL_BATCH // max(processes, 1)
@@ -132,7 +134,7 @@ def launch(model, data, out, processes, fsdp, threads):
     else:
         cmd = [sys.executable, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(extra_env or {}))
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=env)
     found = sorted(os.listdir(reports))
@@ -164,17 +166,21 @@ def predictions(model, fixed_bytes):
 
 
 def measure(args):
+    from utils.tiny_models import build_tiny_model
+
     work = args.work_dir or tempfile.mkdtemp(prefix="sharded_memory_")
     data = write_data(work)
-    tiny = build_random_llama(os.path.join(work, "two_layers"), layers=2)
-    baseline = launch(tiny, data, os.path.join(work, "fixed"), 1, False, threads=2)[0]["peak_rss_bytes"]
-    runs = {"whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, threads=2),
-            "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, threads=2),
-            "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, threads=1)}
-    fixed = baseline - predict_two_layer_model(tiny)
+    env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
+    tiny = build_tiny_model(os.path.join(work, "tiny"))
+    baseline = launch(tiny, data, os.path.join(work, "fixed"), 1, False, 2, env)[0]["peak_rss_bytes"]
+    runs = {"whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, 2, env),
+            "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, 2, env),
+            "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, 1, env)}
+    fixed = baseline - predict_tiny_model(tiny)
     predicted = predictions(args.model, fixed)
     whole = max(r["peak_rss_bytes"] for r in runs["whole, 1 process"])
-    result = {"model": args.model, "fixed_bytes": fixed, "runs": {}}
+    result = {"model": args.model, "fixed_bytes": fixed, "malloc_mmap_threshold": args.malloc_mmap_threshold,
+              "runs": {}}
     for label, reports in runs.items():
         peak = max(r["peak_rss_bytes"] for r in reports)
         folder = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}[label]
@@ -192,8 +198,9 @@ def measure(args):
             json.dump(result, f, indent=2)
 
 
-def predict_two_layer_model(folder):
-    """The model-dependent part of the 2-layer run, subtracted to leave the fixed cost."""
+def predict_tiny_model(folder):
+    """The model-dependent part of the tiny model's run (well under 1 MB), subtracted from its peak
+    to leave the fixed cost."""
     from transformers import AutoConfig
 
     from utils.memory_model import predict, shape_of

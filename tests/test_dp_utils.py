@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from utils.data_utils import Collator, tokenize_record
-from utils.dp_utils import DPGradient, DPRandomness, per_record_loss
+from utils.dp_randomness import DPRandomness
+from utils.dp_utils import DPGradient, per_record_loss
 from utils.lora_utils import add_lora
 
 RECORDS = [("Q:", "a short answer"), ("", "a much longer answer with quite a few more tokens in it than the first"),
@@ -233,7 +234,7 @@ def test_released_loss_is_the_clipped_sum_plus_one_noise_draw_over_b(tiny_llama)
 
 
 def test_secure_noise_is_gaussian_with_the_right_scale_and_unseeded(tiny_llama):
-    from utils.dp_utils import secure_gaussian
+    from utils.dp_randomness import secure_gaussian
 
     n = 400_000
     draws = secure_gaussian((n,), 2.0, torch.float64)

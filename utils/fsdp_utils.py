@@ -45,14 +45,27 @@ def _plugin_settings(accelerator):
     return names, reshard if isinstance(reshard, bool) else True
 
 
+def _own_groups(hf_model):
+    """The input and output embeddings, each its own group unless they share their weight: in the
+    root's group they would stay whole through the whole forward and backward (the root's forward
+    is the model's), the largest whole copy a process would hold (2 x vocab x hidden)."""
+    embed, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    if embed is None or head is None:
+        return []
+    shared = {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}
+    return [] if shared else [embed, head]
+
+
 def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     """Shard the frozen base with torch FSDP2 `fully_shard`: each decoder layer is one group, the
-    root (embeddings, final norm, output layer) another. Trainable (LoRA) parameters are passed as
-    `ignored_params`: FSDP neither shards nor moves them nor touches their gradients, so the
-    per-example hooks see the full LoRA weights and the optimizer updates plain tensors.
+    input and output embeddings one each (unless tied), the root (final norm, and tied embeddings)
+    another. Trainable (LoRA) parameters are passed as `ignored_params`: FSDP neither shards nor
+    moves them nor touches their gradients, so the per-example hooks see the full LoRA weights and
+    the optimizer updates plain tensors.
 
-    Needs an initialised process group (accelerate launch, torchrun). The model may sit on the CPU:
-    FSDP moves one layer at a time to `device` and keeps this process's shard. Returns the model."""
+    Needs an initialised process group (accelerate launch, torchrun). The model may sit on the CPU
+    (FSDP moves one layer at a time to `device` and keeps this process's shard) or on the meta
+    device (utils/sharded_loading.py then allocates and reads the shards). Returns the model."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP needs a process group: start the script with `accelerate launch` or `torchrun`")
     from torch.distributed.device_mesh import init_device_mesh
@@ -70,8 +83,8 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     for p in trainable:  # ignored parameters are not moved by FSDP
         p.data = p.data.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in reversed(layers):  # bottom-up, as fully_shard requires
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+    for group in reversed(layers + _own_groups(hf_model)):  # bottom-up, as fully_shard requires
+        fully_shard(group, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
     # the root too reshards after forward (FSDP2 would keep it whole from forward to backward, and
     # after an evaluation forward until the next step): the base stays sharded between passes
     fully_shard(hf_model, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)

@@ -10,10 +10,11 @@ Output protocol in --output_dir (all writes are appends of whole batches, flushe
                                after which the part files are removed
     generation_info.json       number of processes, timing, throughput
 
-Prompts are cut into global batches of --batch_size in prompt order; batch b goes to process
-b mod P and is sampled after torch.manual_seed(seed + index of its first prompt), so the output
-does not depend on the number of processes, and a resumed run regenerates exactly the batches an
-interrupted one had not finished (a batch counts as finished only when all its lines are present).
+Prompts are cut into global batches of --batch_size in order of token length (prompt order among
+equal lengths: a data set's identical prompts keep theirs); batch b goes to process b mod P and is
+sampled after torch.manual_seed(seed + b x batch size), so the output does not depend on the
+number of processes, and a resumed run regenerates exactly the batches an interrupted one had not
+finished (a batch counts as finished only when all its lines are present).
 """
 
 import copy
@@ -158,16 +159,12 @@ def generate_batch(model, tokenizer, prompt_ids, budgets, config):
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                          generation_config=config)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    answers = []
-    for k, budget in enumerate(budgets):
-        new = out[k, width:width + budget].tolist()
-        for j, token in enumerate(new):  # what follows the first EOS is padding
-            if token in eos:
-                new = new[:j]
-                break
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        answers.append(text[1:] if text.startswith(" ") else text)
-    return answers
+    new = out[:, width:].cpu()
+    # an answer ends at its first EOS (what follows is padding) or at its own budget
+    ends = torch.isin(new, torch.tensor(eos)) | (torch.arange(new.shape[1]) >= torch.tensor(budgets)[:, None])
+    lengths = torch.where(ends.any(1), ends.int().argmax(1), new.shape[1]).tolist()
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True)
+    return [text[1:] if text.startswith(" ") else text for text in texts]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +182,8 @@ def _write_json(path, data):
 def check_run(args, prompts, script):
     """Refuse to mix runs in one output folder. Returns (the run's settings, whether it is already complete)."""
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    run = {"script": script, **{k: getattr(args, k) for k in RUN_ARGS}, "num_prompts": len(prompts),
-           "prompts_sha256": fingerprint}
+    run = {"script": script, "batch_order": "prompt_length", **{k: getattr(args, k) for k in RUN_ARGS},
+           "num_prompts": len(prompts), "prompts_sha256": fingerprint}
     path = os.path.join(args.output_dir, RUN_FILE)
     complete = os.path.exists(os.path.join(args.output_dir, OUTPUT_FILE))
     previous = None
@@ -279,6 +276,9 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     os.makedirs(out_dir, exist_ok=True)
     if accelerator.is_main_process:  # recorded once the inputs are known to be good
         _write_json(os.path.join(out_dir, RUN_FILE), run)
+    # batches of prompts of similar length pad less; the order depends on the prompts alone, so
+    # every process and every resumed attempt forms the same batches
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     starts = list(range(0, len(prompts), args.batch_size))
     finished = read_finished(out_dir)
     accelerator.wait_for_everyone()  # everyone has read the parts before anyone appends
@@ -294,7 +294,7 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     began, generated = time.time(), 0
     try:
         for b in todo:
-            indices = list(range(starts[b], starts[b] + size(b)))
+            indices = order[starts[b]:starts[b] + size(b)]
             torch.manual_seed(args.seed + starts[b])  # per batch: independent of the process count
             answers = generate_batch(model, tokenizer, [prompt_ids[i] for i in indices],
                                      [budgets[i] for i in indices], config)
