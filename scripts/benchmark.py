@@ -35,7 +35,8 @@ import torch
 
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
-from utils.lora_utils import add_lora
+from utils.lora_utils import add_lora, randomise_lora_b
+from utils.tiny_models import random_llama
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,27 +87,18 @@ def parse_args(argv=None):
 
 def build_model(args):
     """PEFT LoRA (r, alpha = r, on q/k/v/o) on a random Llama built here, or on the prepared SmolLM2."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     preset = PRESETS[args.preset]
-    torch.manual_seed(0)
     if "path" in preset:
         model = AutoModelForCausalLM.from_pretrained(preset["path"], dtype=args.dtype)
     else:
         vocab, hidden, inter, layers, heads, kv = preset["config"]
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                             num_hidden_layers=args.layers or layers, num_attention_heads=heads,
-                             num_key_value_heads=kv, max_position_embeddings=max(args.block_size, 128),
-                             tie_word_embeddings=False)
-        with torch.device(args.device):
-            model = LlamaForCausalLM._from_config(config, dtype=args.dtype)
+        model = random_llama(vocab, hidden, inter, args.layers or layers, heads, kv, max(args.block_size, 128),
+                             dtype=args.dtype, device=args.device)
     model.config.use_cache = False
     model = add_lora(model, r=args.lora_r, alpha=args.lora_r, seed=0)  # adapters stay float32 (PEFT)
-    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    return model.to(args.device).train()
+    return randomise_lora_b(model, std=0.02).to(args.device).train()
 
 
 def build_batch(args, vocab_size):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
-from utils.lora_utils import add_lora
+from utils.lora_utils import add_lora, randomise_lora_b
 
 RECORDS = [("Q:", "a short answer"), ("", "a much longer answer with quite a few more tokens in it than the first"),
            ("Question: what now?", "three words here"), ("", "x")]
@@ -19,14 +19,7 @@ def lora_model(path, dtype=torch.float64, gradient_ckpt=False):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if gradient_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_lora(model, r=4, alpha=8, seed=0)
-    with torch.no_grad():  # B starts at zero, which would make every A gradient zero: randomise it
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
-    model.train()
-    return model
+    return randomise_lora_b(add_lora(model, r=4, alpha=8, seed=0)).train()
 
 
 def batch_of(path, records, block_size=48):

@@ -19,7 +19,7 @@ from test_dp_utils import RECORDS, batch_of, brute_force_grads, loss_of
 import train_clm
 from utils.data_utils import UserInputError
 from utils.dp_utils import DPGradient
-from utils.lora_utils import add_lora, default_target_modules, lora_summary, parse_target_modules, save_adapter
+from utils.lora_utils import add_lora, default_target_modules, lora_summary, parse_target_modules, randomise_lora_b, save_adapter
 from utils.model_utils import disable_base_dropout, run_cli
 
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -74,15 +74,6 @@ def tiny_base(family, vocab, dtype=torch.float64, **extra):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(tiny_config(family, vocab, **extra)).to(dtype)
-
-
-def randomise_lora_b(model):
-    """B starts at zero, which would make every A gradient zero and the adapter a no-op."""
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
 
 
 def flat(grads):

@@ -40,6 +40,23 @@ def train_tokenizer(folder: str, add_bos: bool):
     return fast
 
 
+def random_llama(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                 num_attention_heads: int, num_key_value_heads: int, max_position_embeddings: int = 256,
+                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, **config):
+    """A randomly initialised Llama of the given shape (untied embeddings unless config says so),
+    built directly on `device`; its weights depend only on `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+                         **{"tie_word_embeddings": False, **config})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return LlamaForCausalLM._from_config(config, dtype=dtype)
+
+
 def build_tiny_model(folder: str, kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
     """A random 2-layer model (hidden 64) saved with its tokenizer into `folder`."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
