@@ -241,7 +241,7 @@ def test_secure_noise_is_gaussian_with_the_right_scale_and_unseeded(tiny_llama):
     torch.manual_seed(0)
     assert not torch.equal(first, secure_gaussian((100,), 1.0))  # no seed reproduces it
     # through DPGradient: the same sigma C / B in the averaged gradient
-    model, collate = lora_model(tiny_llama, torch.float32), batch_of(tiny_llama, RECORDS)
+    model = lora_model(tiny_llama, torch.float32)
     dp = DPGradient(model, 0.7, 1.3, 8, secure_noise=True)
     dp.finish_step(0)
     noise = flat([p.grad for p in dp.params]).double()
