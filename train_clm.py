@@ -53,8 +53,9 @@ def parse_args(argv=None):
     model.add_argument("--model_name_or_path", required=True)
     model.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
     model.add_argument("--gradient_ckpt", action="store_true", help="activation checkpointing (less memory, slower)")
-    model.add_argument("--load_in_4bit", action="store_true", help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4, "
-                       "bf16 products; LoRA stays float32); not with FSDP")
+    model.add_argument("--load_in_4bit", action="store_true",
+                       help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4, bf16 products; LoRA stays float32); "
+                       "not with FSDP")
     model.add_argument("--lora_r", type=int, default=16)
     model.add_argument("--lora_alpha", type=float, default=16)
     model.add_argument("--lora_dropout", type=float, default=0.0)

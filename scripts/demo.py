@@ -66,13 +66,69 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="subset choice, adapter initialisation and sampling of generations")
     p.add_argument("--model_name_or_path", default=None, help="default: models/SmolLM2-135M-Instruct (built if absent)")
     p.add_argument("--dataset_dir", default=None, help="default: data/pubmed_dataset (built if absent)")
+    add_evaluate_args(p)
     args = p.parse_args(argv)
+    args.compare_nonprivate = args.compare_nonprivate or args.evaluate  # --evaluate measures both adapters
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size}")
-    for name in ("train_records", "val_records", "steps", "num_samples"):
+    for name in ("train_records", "val_records", "steps", "num_samples",
+                 "eval_records", "eval_batch_size", "eval_seeds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     return args
+
+
+# ---- --evaluate: synthetic sets from three models, measured by scripts/evaluate_synthetic.py -----
+
+EVAL_SETS = ("base", "dp", "nonprivate")
+
+
+def add_evaluate_args(p):
+    g = p.add_argument_group("synthetic data evaluation")
+    g.add_argument("--evaluate", action="store_true",
+                   help="also train the non-private adapter, generate --eval_records abstracts each from the base "
+                        "model, the DP and the non-private adapter, and measure them (scripts/evaluate_synthetic.py)")
+    g.add_argument("--eval_records", type=int, default=512, help="synthetic abstracts per model")
+    g.add_argument("--eval_batch_size", type=int, default=32, help="prompts per generate() call")
+    g.add_argument("--eval_seeds", type=int, default=3, help="downstream trainings and MAUVE quantisations per set")
+
+
+def evaluation_commands(args, model, paths, runs, dataset_dir, out):
+    """(stage, command): one generation per model, then the evaluation. Texts are cut to --block_size
+    tokens: the adapters learnt the first block_size tokens of an abstract and nothing beyond."""
+    sets, commands = {}, []
+    for label in EVAL_SETS:
+        folder = os.path.join(out, "synthetic", label)
+        cmd = [sys.executable, "inference_generation_dataset.py", "--model_name_or_path", model,
+               "--validation_file", paths["validation"], "--prompts_are_public",  # the public "Abstract:"
+               "--num_samples", str(args.eval_records), "--batch_size", str(args.eval_batch_size),
+               "--max_new_tokens", str(args.block_size), "--seed", str(args.seed), "--output_dir", folder]
+        if label != "base":
+            cmd += ["--lora_weights_path", runs[label], "--merge_lora"]
+        commands.append((f"generation: {label}", cmd))
+        sets[label] = os.path.join(folder, "generations.jsonl")
+    commands.append(("evaluation", [
+        sys.executable, "-m", "scripts.evaluate_synthetic", *[f"--synthetic={k}={v}" for k, v in sets.items()],
+        "--model_name_or_path", model, "--train_file", paths["train"], "--dataset_dir", dataset_dir,
+        "--max_tokens", str(args.block_size), "--seeds", str(args.eval_seeds), "--seed", str(args.seed),
+        "--output_dir", os.path.join(out, "evaluation")]))
+    return commands
+
+
+def run_evaluation(args, stages, model, paths, runs, dataset_dir, out):
+    """Generate and measure; returns synthetic_report.json's content."""
+    # generations of an earlier demo run would be reused as complete: they came from other adapters
+    shutil.rmtree(os.path.join(out, "synthetic"), ignore_errors=True)
+    env = stages.env
+    for stage, cmd in evaluation_commands(args, model, paths, runs, dataset_dir, out):
+        # decoding multiplies small matrices, where a second OpenMP thread gains little on idle cores
+        # and costs several times over on busy ones (PERFORMANCE.md, generation speed)
+        stages.env = {"OMP_NUM_THREADS": "1", **env} if stage.startswith("generation") else env
+        stages.run(stage, cmd)
+    stages.env = env
+    spent = {k: v[0] for k, v in stages.times.items() if k.startswith(("generation:", "evaluation"))}
+    print("\ntime        " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()), flush=True)
+    return read_json(os.path.join(out, "evaluation", "synthetic_report.json"))
 
 
 class Stages:
@@ -335,6 +391,8 @@ def main(argv=None):
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(text + "\n")
     print("\n" + text, flush=True)
+    if args.evaluate:
+        summary["evaluation"] = run_evaluation(args, stages, model, paths, runs, dataset_dir, out)
     return summary
 
 

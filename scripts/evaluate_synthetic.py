@@ -41,26 +41,46 @@ from utils.synthetic_report import plot_report, report_table, worst_examples
 MEASURES = ("utility", "fidelity", "memorisation")
 REAL = "real"
 REPORT = "synthetic_report"
+SETTINGS = ("num_records", "test_records", "max_tokens", "seeds", "epochs", "measures", "seed")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--synthetic", action="append", required=True, metavar="LABEL=FILE",
-                   help="a labelled synthetic set (JSON or JSON Lines instruction/answer records); repeat")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--synthetic",
+        action="append",
+        required=True,
+        metavar="LABEL=FILE",
+        help="a labelled synthetic set (JSON or JSON Lines instruction/answer records); repeat",
+    )
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_name_or_path", default=None,
-                   help="base model: its tokenizer and hidden states (default: models/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="base model: its tokenizer and hidden states (default: models/SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dataset_dir", default=None, help="built PubMed data set (default: data/pubmed_dataset)")
     p.add_argument("--train_file", default=None, help="the training records (default: the data set's train split)")
     p.add_argument("--test_file", default=None, help="held-out real records (default: the data set's test split)")
-    p.add_argument("--num_records", type=int, default=None,
-                   help="records per set, the first of each file (default: the smallest set's size)")
-    p.add_argument("--test_records", type=int, default=512, help="real test records (a seeded sample)")
+    p.add_argument(
+        "--num_records",
+        type=int,
+        default=None,
+        help="records per set, the first of each file (default: the smallest set's size)",
+    )
+    p.add_argument(
+        "--test_records", type=int, default=None, help="real test records, a seeded sample (default: 512 or all)"
+    )
     p.add_argument("--max_tokens", type=int, default=64, help="every text is cut to this many tokens")
     p.add_argument("--seeds", type=int, default=3, help="downstream trainings and MAUVE quantisations per set")
-    p.add_argument("--epochs", type=float, default=4.0,
-                   help="downstream training tokens: this many passes over the real records' tokens")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=4.0,
+        help="downstream training tokens: this many passes over the real records' tokens",
+    )
     p.add_argument("--measures", default=",".join(MEASURES), help="comma list of " + ", ".join(MEASURES))
     p.add_argument("--worst_examples", type=int, default=3, help="longest copies per set shown on the console")
     p.add_argument("--seed", type=int, default=0, help="choice of the real records")
@@ -88,7 +108,9 @@ def parse_sets(items):
         if not sep or not label or not path:
             raise UserInputError(f"--synthetic {item}: expected LABEL=FILE, e.g. dp=outputs/dp/generations.jsonl")
         if label == REAL:
-            raise UserInputError(f"--synthetic {item}: the label '{REAL}' names the real-data reference; choose another")
+            raise UserInputError(
+                f"--synthetic {item}: the label '{REAL}' names the real-data reference; choose another"
+            )
         if label in sets:
             raise UserInputError(f"--synthetic {item}: the label '{label}' is given twice")
         sets[label] = path
@@ -120,7 +142,8 @@ def real_texts(args):
         splits = load_pubmed(args.dataset_dir)
         for split in ("train", "test"):
             if split not in splits:
-                raise UserInputError(f"{args.dataset_dir or DEFAULT_PUBMED_DIR}: the built data set has no {split} split")
+                where = args.dataset_dir or DEFAULT_PUBMED_DIR
+                raise UserInputError(f"{where}: the built data set has no {split} split")
     train = read_answers(args.train_file) if args.train_file else list(splits["train"]["answer"])
     test = read_answers(args.test_file) if args.test_file else list(splits["test"]["answer"])
     return train, test
@@ -141,11 +164,13 @@ def load_inputs(args):
     count = args.num_records or smallest
     for label, answers in synthetic.items():
         if len(answers) < count:
-            raise UserInputError(f"--synthetic {label}={args.sets[label]}: {len(answers)} records, "
-                                 f"fewer than --num_records {count}")
+            raise UserInputError(
+                f"--synthetic {label}={args.sets[label]}: {len(answers)} records, fewer than --num_records {count}"
+            )
         synthetic[label] = answers[:count]
     train, test = real_texts(args)
     real = sample(train, count, args.seed, "the training data")
+    args.test_records = args.test_records or min(512, len(test))
     test = sample(test, args.test_records, args.seed + 1, "the test data")
     return {**synthetic, REAL: real}, train, test, count
 
@@ -167,8 +192,10 @@ def measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log)
     train_tokens = tokenize(tokenizer, train_texts)
     hasher = Hasher(len(tokenizer), seed=args.seed)
     corpus = HashedRecords(train_tokens, hasher)
-    log(f"memorisation: {len(corpus):,} training records, {corpus.tokens.size:,} tokens "
-        f"(tokenised and hashed in {time.time() - start:.0f} s)")
+    log(
+        f"memorisation: {len(corpus):,} training records, {corpus.tokens.size:,} tokens "
+        f"(tokenised and hashed in {time.time() - start:.0f} s)"
+    )
     # the real row: held-out test records, which the model never saw (chance overlap)
     queries = {**{k: v for k, v in tokens.items() if k != REAL}, REAL: test_tokens}
     results = {}
@@ -178,7 +205,7 @@ def measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log)
         if label != REAL:
             worst_examples(label, records, lengths, where, corpus, tokenizer, args.worst_examples, log)
     log(f"memorisation: {time.time() - start:.0f} s in all")
-    return results
+    return results, {"training_corpus": {"records": len(corpus), "tokens": int(corpus.tokens.size)}}
 
 
 def measure_fidelity(tokens, test_tokens, tokenizer, args, log):
@@ -193,13 +220,18 @@ def measure_fidelity(tokens, test_tokens, tokenizer, args, log):
     for label, records in tokens.items():
         features = hidden_state_features(model, records, begin)
         scores = mauve_scores(features, reference, range(args.seeds))
-        results[label] = {"mauve": _spread(scores), "length_tokens": length_stats(records, args.max_tokens),
-                          **{f"distinct_{n}": distinct_n(records, n) for n in (1, 2, 3)}}
+        results[label] = {
+            "mauve": _spread(scores),
+            "length_tokens": length_stats(records, args.max_tokens),
+            **{f"distinct_{n}": distinct_n(records, n) for n in (1, 2, 3)},
+        }
         log(f"  fidelity {label}: MAUVE {np.mean(scores):.3f}")
-    results["test"] = {"length_tokens": length_stats(test_tokens, args.max_tokens),
-                       **{f"distinct_{n}": distinct_n(test_tokens, n) for n in (1, 2, 3)}}
+    test = {
+        "length_tokens": length_stats(test_tokens, args.max_tokens),
+        **{f"distinct_{n}": distinct_n(test_tokens, n) for n in (1, 2, 3)},
+    }
     log(f"fidelity: {time.time() - start:.0f} s")
-    return results
+    return results, {"test_text": test}
 
 
 def measure_utility(tokens, test_tokens, args, log):
@@ -213,11 +245,14 @@ def measure_utility(tokens, test_tokens, args, log):
     results = {}
     for label, run in runs.items():
         relative = [a / r for a, r in zip(run["accuracy"], runs[REAL]["accuracy"])]
-        results[label] = {"relative_performance": _spread(relative), "accuracy": _spread(run["accuracy"]),
-                          "perplexity": _spread(run["perplexity"]),
-                          **{k: run[k] for k in ("steps", "packed_tokens", "epochs")}}
+        results[label] = {
+            "relative_performance": _spread(relative),
+            "accuracy": _spread(run["accuracy"]),
+            "perplexity": _spread(run["perplexity"]),
+            **{k: run[k] for k in ("steps", "packed_tokens", "epochs")},
+        }
     log(f"utility: {time.time() - start:.0f} s")
-    return results, {**config.as_dict(), "evaluation_vocabulary": vocab_size}
+    return results, {"downstream": {**config.as_dict(), "evaluation_vocabulary": vocab_size}}
 
 
 def _spread(values):
@@ -231,13 +266,21 @@ def _spread(values):
 # ----------------------------------------------------------------------------------------------
 
 
+def _shown(path):
+    """A path under the working directory, relative to it: the report names no machine's folders."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full) if os.path.exists(full) and full.startswith(os.getcwd() + os.sep) else path
+
+
 def privacy_note(measures):
     private = [m for m in ("utility", "memorisation") if m in measures]
     if not private:
         return False, "every figure comes from the synthetic sets and the held-out test records"
-    return True, ("the real-data model's figures (and so relative performance) and the memorisation figures are "
-                  "exact statistics of the training records, not covered by the synthetic data's epsilon; no "
-                  "training text is written here (the longest copies are shown on the console only)")
+    return True, (
+        "the figures of the 'real' row, relative performance and the memorisation figures are exact "
+        "statistics of the training records, not covered by the synthetic data's epsilon; no training "
+        "text is written here (the longest copies are shown on the console only)"
+    )
 
 
 def evaluate(args, log=print):
@@ -253,23 +296,30 @@ def evaluate(args, log=print):
     tokenizer = load_tokenizer(args.model_name_or_path)
     tokens = {label: tokenize(tokenizer, t, args.max_tokens) for label, t in texts.items()}
     test_tokens = tokenize(tokenizer, test_texts, args.max_tokens)
-    log(f"{len(tokens) - 1} synthetic sets and {count} real training records, {len(test_tokens)} test records, "
-        f"{args.max_tokens} tokens max")
-    report = {"settings": {k: getattr(args, k) for k in ("model_name_or_path", "num_records", "test_records",
-                                                          "max_tokens", "seeds", "epochs", "measures", "seed")},
-              "sets": {label: {"file": path} for label, path in args.sets.items()}, "time_s": {}}
+    log(
+        f"{len(tokens) - 1} synthetic sets and {count} real training records, {len(test_tokens)} test records, "
+        f"{args.max_tokens} tokens max"
+    )
+    report = {
+        "settings": {k: getattr(args, k) for k in SETTINGS},
+        "sets": {label: {"file": _shown(path)} for label, path in args.sets.items()},
+        "time_s": {},
+    }
+    report["settings"]["model_name_or_path"] = _shown(args.model_name_or_path)
     report["settings"]["num_records"] = count
-    report["sets"][REAL] = {"file": args.train_file or "train split", "test_file": args.test_file or "test split"}
-    steps = {"memorisation": lambda: measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log),
-             "fidelity": lambda: measure_fidelity(tokens, test_tokens, tokenizer, args, log),
-             "utility": lambda: measure_utility(tokens, test_tokens, args, log)}
+    report["sets"][REAL] = {
+        "file": _shown(args.train_file or "train split"),
+        "test_file": _shown(args.test_file or "test split"),
+    }
+    steps = {
+        "memorisation": lambda: measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log),
+        "fidelity": lambda: measure_fidelity(tokens, test_tokens, tokenizer, args, log),
+        "utility": lambda: measure_utility(tokens, test_tokens, args, log),
+    }
     for measure in [m for m in ("memorisation", "fidelity", "utility") if m in args.measures]:
         start = time.time()
-        result = steps[measure]()
-        if measure == "utility":
-            result, report["settings"]["downstream"] = result
-        if measure == "fidelity":
-            report["test"] = result.pop("test")
+        result, about = steps[measure]()
+        report["settings"].update(about)
         for label, values in result.items():
             report["sets"][label][measure] = values
         report["time_s"][measure] = round(time.time() - start, 1)

@@ -34,6 +34,7 @@ TRAIN_ARGS = ["--block_size", "64", "--clip_norm", "1.0", "--noise_multiplier", 
               "--sampling", "poisson", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
               "--lora_r", "16", "--lora_alpha", "16"]
 LOGICAL_BATCH = 4
+FOLDERS = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}
 
 
 def parse_args(argv=None):
@@ -94,10 +95,20 @@ def worker(argv):
     import torch.distributed as dist
 
     import train_clm
+    import utils.model_setup as model_setup
 
+    loaded = {}
+    real_load = model_setup.load_local_shards
+
+    def load_and_note_peak(*args, **kwargs):  # the peak through sharded loading, before any training
+        result = real_load(*args, **kwargs)
+        loaded.update(result, peak_rss_after_loading_bytes=peaks()["peak_rss_bytes"])
+        return result
+
+    model_setup.load_local_shards = load_and_note_peak
     train_clm.main(argv)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    report = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **peaks()}
+    report = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **peaks(), **loaded}
     folder = os.environ["SHARDED_MEMORY_REPORT"]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
@@ -130,7 +141,8 @@ def launch(model, data, out, processes, fsdp, threads, extra_env=None):
               data["validation"], "--model_name_or_path", model, *TRAIN_ARGS,
               "--per_device_train_batch_size", str(per_device), "--output_dir", out] + (["--fsdp"] if fsdp else [])
     if fsdp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *script]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *script]
     else:
         cmd = [sys.executable, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, TOKENIZERS_PARALLELISM="false",
@@ -183,9 +195,12 @@ def measure(args):
               "runs": {}}
     for label, reports in runs.items():
         peak = max(r["peak_rss_bytes"] for r in reports)
-        folder = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}[label]
+        folder = FOLDERS[label]
         result["runs"][label] = {
             "peak_rss_gib_per_process": [round(r["peak_rss_bytes"] / 2**30, 3) for r in reports],
+            "peak_rss_gib_through_loading": [round(r["peak_rss_after_loading_bytes"] / 2**30, 3) for r in reports
+                                             if "peak_rss_after_loading_bytes" in r],
+            "bytes_read_per_process": [r.get("bytes_read") for r in reports],
             "over_whole_run": round(peak / whole, 3),
             "predicted_gib": round(predicted[label]["total"] / 2**30, 3),
             "predicted_over_measured": round(predicted[label]["total"] / peak, 3),

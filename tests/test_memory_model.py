@@ -4,7 +4,6 @@ sharding says, and the README's table is the function's output (measured check: 
 import os
 
 import pytest
-
 from conftest import ROOT
 
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import write_records
 
 NO_BNB = "bitsandbytes is not installed (optional: pip install bitsandbytes==0.50.2); its CPU backend runs these"
@@ -48,6 +47,32 @@ def test_4bit_base_with_float32_lora_gives_exact_per_example_gradients(tiny_llam
     worst = same_batch_exactness(model.train(), batch, None)
     print(f"4-bit base: max over records of relative difference to autograd of the record's own loss: {worst:.3g}")
     assert worst < 1e-5
+
+
+@needs_bnb
+def test_an_evaluation_forward_leaves_training_gradients_as_they_were(tiny_llama):
+    """bitsandbytes 0.50.2 repacks NF4 weights for a CPU kernel without backward at the first eval
+    forward (AVX512-bf16 CPUs): gradients through the base would then vanish without an error."""
+    from utils.lora_utils import add_lora
+    from utils.model_utils import load_model_4bit
+
+    model = add_lora(load_model_4bit(tiny_llama, "no", device="cpu"), 4, 4, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    ids = torch.randint(2, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    first = next(p for name, p in model.named_parameters() if "layers.0." in name and "lora_A" in name)
+
+    def gradient():
+        model.train()
+        return torch.autograd.grad(model(input_ids=ids).logits.float().logsumexp(-1).sum(), first)[0]
+
+    before = gradient()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert torch.equal(gradient(), before) and before.abs().sum() > 0
 
 
 @needs_bnb

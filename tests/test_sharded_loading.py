@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, write_records
 
 COMMON = ["--block_size", "64", "--clip_norm", "0.5", "--noise_multiplier", "0.7", "--max_train_steps", "2",
@@ -72,10 +71,8 @@ def save_sharded(source, folder, max_shard_size="120KB"):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llama, text_records, tmp_path_factory):
-    """A sharded checkpoint, data, and the unsharded one-process reference run (4 x 2 records)."""
-    import train_clm
-
+def checkpoint(tiny_llama, text_records, tmp_path_factory):
+    """A sharded checkpoint and data."""
     folder = tmp_path_factory.mktemp("sharded")
     model = save_sharded(tiny_llama, folder / "model")
     with open(os.path.join(model, "model.safetensors.index.json")) as f:
@@ -83,9 +80,17 @@ def setup(tiny_llama, text_records, tmp_path_factory):
     data = ["--train_file", write_records(folder / "train.jsonl", text_records[:40], jsonl=True),
             "--validation_file", write_records(folder / "val.jsonl", text_records[40:48], jsonl=True),
             "--model_name_or_path", model]
-    one = str(folder / "one")
-    train_clm.main([*data, *COMMON, "--per_device_train_batch_size", "4", "--output_dir", one])
-    return {"folder": folder, "model": model, "data": data, "one": one}
+    return {"folder": folder, "model": model, "data": data}
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoint):
+    """... and the unsharded one-process reference run (4 records per step)."""
+    import train_clm
+
+    one = str(checkpoint["folder"] / "one")
+    train_clm.main([*checkpoint["data"], *COMMON, "--per_device_train_batch_size", "4", "--output_dir", one])
+    return {**checkpoint, "one": one}
 
 
 def _unsharded_lora_checksum(model_dir):
@@ -162,9 +167,9 @@ def test_two_machine_config_says_what_the_readme_says():
 # ---- broken checkpoints: refused before anything is loaded, one line naming the file ----
 
 
-def _broken(setup, tmp_path, damage):
+def _broken(checkpoint, tmp_path, damage):
     folder = tmp_path / "broken"
-    shutil.copytree(setup["model"], folder)
+    shutil.copytree(checkpoint["model"], folder)
     with open(folder / "model.safetensors.index.json") as f:
         index = json.load(f)
     shard = sorted(set(index["weight_map"].values()))[1]
@@ -206,11 +211,11 @@ def _stale_index(folder, shard, index):
                                              (_mismatched, "has shape"),
                                              (_truncated, "truncated"),
                                              (_stale_index, "does not hold")])
-def test_broken_checkpoint_is_refused_naming_the_shard(setup, tmp_path, damage, message):
+def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, damage, message):
     from utils.data_utils import UserInputError
     from utils.sharded_loading import empty_model
 
-    folder, shard, name = _broken(setup, tmp_path, damage)
+    folder, shard, name = _broken(checkpoint, tmp_path, damage)
     with pytest.raises(UserInputError, match=message) as err:
         empty_model(str(folder), torch.float32)
     text = str(err.value)
@@ -218,9 +223,9 @@ def test_broken_checkpoint_is_refused_naming_the_shard(setup, tmp_path, damage, 
     assert name is None or name in text, text
 
 
-def test_broken_shard_under_torchrun_exits_2_with_one_line(setup, tmp_path):
-    folder, shard, _ = _broken(setup, tmp_path, _missing)
-    data = [str(folder) if x == setup["model"] else x for x in setup["data"]]
+def test_broken_shard_under_torchrun_exits_2_with_one_line(checkpoint, tmp_path):
+    folder, shard, _ = _broken(checkpoint, tmp_path, _missing)
+    data = [str(folder) if x == checkpoint["model"] else x for x in checkpoint["data"]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train_clm.py",
            *data, *COMMON, "--output_dir", str(tmp_path / "out"), "--fsdp"]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -240,13 +245,13 @@ def test_bin_only_checkpoint_is_refused(tiny_llama, tmp_path):
         open_checkpoint(str(tmp_path))
 
 
-def test_stand_ins_leave_the_meta_model_as_it_was(setup):
+def test_stand_ins_leave_the_meta_model_as_it_was(checkpoint):
     """LoRA added through the CPU stand-ins: base weights back on meta and frozen, tied weights
     still tied, adapters real and float32 (as on a bf16 model loaded for real)."""
     from utils.lora_utils import add_lora
     from utils.sharded_loading import cpu_stand_ins, empty_model
 
-    model, _ = empty_model(setup["model"], torch.bfloat16)
+    model, _ = empty_model(checkpoint["model"], torch.bfloat16)
     model.config.tie_word_embeddings = True
     model.tie_weights()
     with cpu_stand_ins(model):
@@ -257,3 +262,14 @@ def test_stand_ins_leave_the_meta_model_as_it_was(setup):
     assert lora and all(not p.is_meta and p.dtype == torch.float32 for p in lora)
     hf = peft_model.get_base_model()
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
+
+
+def test_tied_embeddings_stay_tied_on_the_meta_device(tiny_gpt2):
+    """GPT-2 ties its output layer to the input embeddings and saves the matrix once: the meta
+    model must share the one parameter, or the checkpoint would lack lm_head.weight."""
+    from utils.fsdp_utils import _own_groups
+    from utils.sharded_loading import empty_model
+
+    model, entries = empty_model(tiny_gpt2, torch.float32)
+    assert model.lm_head.weight is model.transformer.wte.weight and "lm_head.weight" not in entries
+    assert _own_groups(model) == []  # a shared weight cannot sit in two FSDP groups

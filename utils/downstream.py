@@ -26,7 +26,7 @@ class DownstreamConfig:
     layers: int = 2
     heads: int = 4
     block_size: int = 65  # tokens per training block: a separator and a 64-token record
-    batch_size: int = 32
+    batch_size: int = 8
     train_tokens: int = 0  # 0: epochs x the reference set's packed tokens (set by the caller)
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
@@ -68,11 +68,21 @@ def build_model(vocab_size, config, seed):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
-            max_position_embeddings=config.block_size, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-            pad_token_id=0))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.layers,
+                num_attention_heads=config.heads,
+                num_key_value_heads=config.heads,
+                max_position_embeddings=config.block_size,
+                tie_word_embeddings=True,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     return model
 
 
@@ -83,7 +93,8 @@ def train(blocks, vocab_size, config, seed):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_share * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
     generator = torch.Generator().manual_seed(seed)
     order, used = torch.randperm(len(blocks), generator=generator), 0
     model.train()
@@ -91,7 +102,7 @@ def train(blocks, vocab_size, config, seed):
         if used + config.batch_size > len(order):  # a new pass over the blocks, reshuffled
             order = torch.cat([order[used:], torch.randperm(len(blocks), generator=generator)])
             used = 0
-        batch = blocks[order[used:used + config.batch_size]]
+        batch = blocks[order[used : used + config.batch_size]]
         used += config.batch_size
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -106,13 +117,13 @@ def evaluate(model, test_records, vocab, batch_size=64):
     """Next-token accuracy and perplexity over the tokens of test records, each read after a separator."""
     correct, nll, count = 0, 0.0, 0
     for i in range(0, len(test_records), batch_size):
-        rows = [[0] + vocab.encode(ids) for ids in test_records[i:i + batch_size]]
+        rows = [[0] + vocab.encode(ids) for ids in test_records[i : i + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for k, row in enumerate(rows):
-            ids[k, :len(row)] = torch.tensor(row)
-            mask[k, :len(row)] = 1
+            ids[k, : len(row)] = torch.tensor(row)
+            mask[k, : len(row)] = 1
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target, valid = ids[:, 1:], mask[:, 1:].bool()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -135,9 +146,14 @@ def downstream_utility(train_sets, test_records, config, seeds, progress=print):
         for seed in seeds:
             model, steps = train(blocks, len(vocab), config, seed)
             runs.append({**evaluate(model, test_records, vocab), "steps": steps})
-            progress(f"  downstream {label}, seed {seed}: accuracy {runs[-1]['accuracy']:.4f}, "
-                     f"perplexity {runs[-1]['perplexity']:.1f}")
+            progress(
+                f"  downstream {label}, seed {seed}: accuracy {runs[-1]['accuracy']:.4f}, "
+                f"perplexity {runs[-1]['perplexity']:.1f}"
+            )
         results[label] = {key: [r[key] for r in runs] for key in ("accuracy", "perplexity", "loss")}
-        results[label].update(steps=runs[0]["steps"], packed_tokens=int(blocks.numel()),
-                              epochs=round(config.train_tokens / blocks.numel(), 2))
+        results[label].update(
+            steps=runs[0]["steps"],
+            packed_tokens=int(blocks.numel()),
+            epochs=round(config.train_tokens / blocks.numel(), 2),
+        )
     return results, len(vocab)

@@ -110,16 +110,18 @@ def predict(shape, processes, *, fsdp=True, base_dtype="bfloat16", compute_bytes
 
 
 def readme_table(micro_batch=4, block_size=512, lora_r=16, processes=(1, 8, 64)):
-    """The README's table, GiB per process, fixed costs (CUDA context, about 1 GiB) not included."""
-    rows = ["| model | base | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in processes) + " |",
+    """The README's table: GiB per process, total (and the base's share), bf16 sharded with FSDP
+    over more than one process, 4-bit whole on each; fixed costs (CUDA context, about 1 GiB) not
+    included."""
+    rows = ["| model | base | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in processes) + " |",
             "| --- | --- | " + " | ".join("---" for _ in processes) + " |"]
     for name, shape in LLAMA_2.items():
-        for label, dtype in (("bf16, FSDP", "bfloat16"), ("4-bit NF4, data parallel", "nf4")):
+        for label, dtype in (("bf16 (FSDP)", "bfloat16"), ("4-bit NF4", "nf4")):
             cells = []
             for n in processes:
-                terms = predict(shape, n, base_dtype=dtype, micro_batch=micro_batch, block_size=block_size,
-                                lora_r=lora_r)
-                cells.append(f"{terms['total'] / 2**30:.1f} (base {terms['base'] / 2**30:.1f})")
+                terms = predict(shape, n, fsdp=n > 1, base_dtype=dtype, micro_batch=micro_batch,
+                                block_size=block_size, lora_r=lora_r)
+                cells.append(f"{terms['total'] / 2**30:.1f} ({terms['base'] / 2**30:.1f})")
             rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

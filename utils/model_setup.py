@@ -38,7 +38,8 @@ def build_model(args, accelerator, token, say=print):
     check_block_size(args.block_size, model)
     dropped = {} if args.keep_base_dropout else disable_base_dropout(model)
     if dropped:
-        say(f"base model dropout off ({', '.join(f'{k} {v:g}' for k, v in dropped.items())}); --keep_base_dropout keeps it")
+        rates = ", ".join(f"{k} {v:g}" for k, v in dropped.items())
+        say(f"base model dropout off ({rates}); --keep_base_dropout keeps it")
     if args.gradient_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with cpu_stand_ins(model):

@@ -89,8 +89,15 @@ def load_model_4bit(name, mixed_precision="no", token=None, device="cpu"):
                                                      quantization_config=bnb_4bit_config(),
                                                      device_map={"": torch.device(device)})
     except (OSError, ValueError, ImportError) as err:
-        raise UserInputError(f"--model_name_or_path {name}: cannot load the model in 4 bits ({_first_line(err)})") from None
+        why = _first_line(err)
+        raise UserInputError(f"--model_name_or_path {name}: cannot load the model in 4 bits ({why})") from None
     model.config.use_cache = False
+    # bitsandbytes (0.50.2) repacks a layer's weight for a CPU inference kernel at its first forward
+    # in eval mode (DPGradient's layout check, evaluation) and keeps it so: that kernel has no
+    # backward, so later training steps silently lose every gradient path through the base layers
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -156,6 +156,7 @@ def empty_model(folder, dtype):
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserInputError(f"--model_name_or_path {folder}: cannot build the model ({first})") from None
+    model.tie_weights()  # init_empty_weights re-registers every parameter, which unties tied ones
     model.config.use_cache = False
     entries = open_checkpoint(folder)
     check_checkpoint(entries, model, folder)
@@ -241,6 +242,8 @@ def read_rows(handle, entry, name, first, end, out):
     rows = entry.shape[0] if entry.shape else 1
     row_bytes = entry.nbytes // rows if rows else 0
     offset = entry.offset + first * row_bytes
+    if out.numel() * entry.dtype.itemsize != (end - first) * row_bytes:  # a layout this loader misreads
+        raise RuntimeError(f"{name}: local shard of {list(out.shape)} for rows {first}:{end} of {list(entry.shape)}")
     if end <= first:
         return 0
     if out.dtype == entry.dtype and out.device.type == "cpu" and out.is_contiguous():

@@ -17,18 +17,20 @@ def worst_examples(label, records, lengths, where, corpus, tokenizer, count, log
         return
     log(f"  [{label}] longest spans shared with a training record (console only: training text is private):")
     for i in order:
-        span = records[i][where[i]:where[i] + lengths[i]]
+        span = records[i][where[i] : where[i] + lengths[i]]
         found = locate(span, corpus)
         if found is None:  # a hash collision: the scan's length would be wrong, say so rather than hide it
             log(f"    record {i}: {lengths[i]} tokens reported but not found verbatim (hash collision)")
             continue
         record, offset = found
         start = int(corpus.starts[record]) + offset
-        before = corpus.tokens[max(int(corpus.starts[record]), start - CONTEXT):start].tolist()
-        after = corpus.tokens[start + len(span):min(int(corpus.starts[record + 1]), start + len(span) + CONTEXT)]
-        log(f"    record {i}: {lengths[i]} tokens, training record {record:,} at token {offset}: "
+        before = corpus.tokens[max(int(corpus.starts[record]), start - CONTEXT) : start].tolist()
+        after = corpus.tokens[start + len(span) : min(int(corpus.starts[record + 1]), start + len(span) + CONTEXT)]
+        log(
+            f"    record {i}: {lengths[i]} tokens, training record {record:,} at token {offset}: "
             f"...{_one_line(tokenizer.decode(before))}[[{_one_line(tokenizer.decode(span))}]]"
-            f"{_one_line(tokenizer.decode(after.tolist()))}...")
+            f"{_one_line(tokenizer.decode(after.tolist()))}..."
+        )
 
 
 def _one_line(text):
@@ -47,21 +49,30 @@ def table_rows(report):
     rows = []
     for label, entry in report["sets"].items():
         utility, fidelity, memo = entry.get("utility"), entry.get("fidelity"), entry.get("memorisation")
-        row = [label, str(report["settings"]["num_records"]),
-               _cell(utility, "relative_performance"), _cell(utility, "accuracy"), _cell(utility, "perplexity", 1),
-               _cell(fidelity, "mauve")]
+        row = [
+            label,
+            str(report["settings"]["num_records"]),
+            _cell(utility, "relative_performance"),
+            _cell(utility, "accuracy"),
+            _cell(utility, "perplexity", 1),
+            _cell(fidelity, "mauve"),
+        ]
         row.append(f"{fidelity['distinct_2']:.3f}" if fidelity else "-")
         row.append(f"{fidelity['length_tokens']['mean']:.1f}" if fidelity else "-")
         if memo:
-            row += [f"{memo[f'share_at_least_{t}']:.3f}" for t in THRESHOLDS] + [f"{memo['median']:g}", str(memo["max"])]
+            row += [f"{memo[f'share_at_least_{t}']:.3f}" for t in THRESHOLDS]
+            row += [f"{memo['median']:g}", str(memo["max"])]
         else:
             row += ["-"] * (len(THRESHOLDS) + 2)
         rows.append(row)
     return rows
 
 
-HEADER = (["set", "records", "relative perf.", "accuracy", "perplexity", "MAUVE", "distinct-2", "length"]
-          + [f"span>={t}" for t in THRESHOLDS] + ["median span", "max span"])
+HEADER = (
+    ["set", "records", "relative perf.", "accuracy", "perplexity", "MAUVE", "distinct-2", "length"]
+    + [f"span>={t}" for t in THRESHOLDS]
+    + ["median span", "max span"]
+)
 
 
 def report_table(report):
@@ -93,8 +104,13 @@ def plot_report(report, path):
     sets = report["sets"]
     labels = list(sets)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (measure, key, title) in zip(axes[:2], (("utility", "relative_performance", "Relative performance"),
-                                                    ("fidelity", "mauve", "MAUVE against real test text"))):
+    for ax, (measure, key, title) in zip(
+        axes[:2],
+        (
+            ("utility", "relative_performance", "Relative performance"),
+            ("fidelity", "mauve", "MAUVE against real test text"),
+        ),
+    ):
         shown = [label for label in labels if sets[label].get(measure)]
         means = [sets[label][measure][key]["mean"] for label in shown]
         stds = [sets[label][measure][key]["std"] for label in shown]
