@@ -7,8 +7,9 @@
 One prompt per validation record (`--dataset_name pubmed_generation`: "Abstract:"), or the
 instructions of --validation_file / --train_file; --num_samples cycles through them or cuts them
 short. generations.jsonl repeats every prompt verbatim and is meant for release, so prompts read
-from a data file are refused unless --prompts_are_public says they may be published. The output, output_dir/generations.jsonl, holds one {"instruction", "answer"} record per
-prompt in order and can be fed back to train_clm.py --train_file.
+from a data file are refused unless --prompts_are_public says they may be published. The output,
+output_dir/generations.jsonl, holds one {"instruction", "answer"} record per prompt in order and
+can be fed back to train_clm.py --train_file.
 """
 
 import argparse
@@ -30,8 +31,11 @@ def parse_args(argv=None):
     data.add_argument("--validation_file", default=None, help="JSON or JSON Lines records: their instructions")
     data.add_argument("--train_file", default=None, help="used when no --validation_file is given")
     data.add_argument("--num_samples", type=int, default=None, help="number of generations (default: one per record)")
-    data.add_argument("--prompts_are_public", action="store_true",
-                      help="the file's instructions may be published: each is copied into generations.jsonl")
+    data.add_argument(
+        "--prompts_are_public",
+        action="store_true",
+        help="the file's instructions may be published: each is copied into generations.jsonl",
+    )
     add_generation_args(p)
     args = p.parse_args(argv)
     validate_generation_args(args)
@@ -51,8 +55,10 @@ def dataset_prompts(args):
     elif args.validation_file or args.train_file:
         path = args.validation_file or args.train_file
         if not args.prompts_are_public:
-            raise UserInputError(f"{path}: its instructions would be copied verbatim into generations.jsonl, the "
-                                 "file meant for release; pass --prompts_are_public if they may be published")
+            raise UserInputError(
+                f"{path}: its instructions would be copied verbatim into generations.jsonl, the "
+                "file meant for release; pass --prompts_are_public if they may be published"
+            )
         instructions = load_records_file(path)["instruction"]
     else:
         raise UserInputError("give --dataset_name, --validation_file or --train_file")

@@ -43,8 +43,10 @@ def read_instruction_file(path):
                 continue
             match = LINE.match(line.strip())
             if match is None or int(match["count"]) < 1:
-                raise UserInputError(f"{path}, line {number}: expected `instruction text #### N` with N a whole "
-                                     f"number >= 1, got {line.strip()[:60]!r}")
+                raise UserInputError(
+                    f"{path}, line {number}: expected `instruction text #### N` with N a whole "
+                    f"number >= 1, got {line.strip()[:60]!r}"
+                )
             prompts += [match["instruction"].strip()] * int(match["count"])
     if not prompts:
         raise UserInputError(f"{path}: no instructions")

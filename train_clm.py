@@ -27,13 +27,13 @@ from utils.data_utils import Collator, load_raw_datasets, privacy_units, tokeniz
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
 from utils.fsdp_utils import assert_replicas_agree
+from utils.io_utils import publish_outputs, write_json
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model
 from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
 from utils.privacy import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
 from utils.sampling import UnitPoissonSampler, make_sampler
-from utils.io_utils import publish_outputs, write_json
-from utils.train_utils import StepLog, build_optimizer, evaluate, train_logical_step, tracker_config
+from utils.train_utils import StepLog, build_optimizer, evaluate, tracker_config, train_logical_step
 
 
 def parse_args(argv=None):
@@ -44,50 +44,81 @@ def parse_args(argv=None):
     data.add_argument("--train_file", default=None, help="JSON {instruction: [...], answer: [...]} or JSON Lines")
     data.add_argument("--validation_file", default=None, help="same format; default: the data set's validation split")
     data.add_argument("--block_size", type=int, default=512, help="max tokens per record (longer ones are truncated)")
-    data.add_argument("--privacy_unit_key", default=None, metavar="KEY",
-                      help="records carry their privacy unit's id (user, patient, author) under KEY: one unit, "
-                           "however many records, is what epsilon protects (default: each record)")
-    data.add_argument("--max_records_per_unit", type=int, default=4, metavar="K",
-                      help="with --privacy_unit_key: records a sampled unit contributes (a random K when it has more)")
+    data.add_argument(
+        "--privacy_unit_key",
+        default=None,
+        metavar="KEY",
+        help="records carry their privacy unit's id (user, patient, author) under KEY: one unit, "
+        "however many records, is what epsilon protects (default: each record)",
+    )
+    data.add_argument(
+        "--max_records_per_unit",
+        type=int,
+        default=4,
+        metavar="K",
+        help="with --privacy_unit_key: records a sampled unit contributes (a random K when it has more)",
+    )
     model = p.add_argument_group("model and LoRA")
     model.add_argument("--model_name_or_path", required=True)
     model.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
     model.add_argument("--gradient_ckpt", action="store_true", help="activation checkpointing (less memory, slower)")
-    model.add_argument("--load_in_4bit", action="store_true",
-                       help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4, bf16 products; LoRA stays float32); "
-                       "not with FSDP")
+    model.add_argument(
+        "--load_in_4bit",
+        action="store_true",
+        help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4, bf16 products; LoRA stays float32); not with FSDP",
+    )
     model.add_argument("--lora_r", type=int, default=16)
     model.add_argument("--lora_alpha", type=float, default=16)
     model.add_argument("--lora_dropout", type=float, default=0.0)
-    model.add_argument("--lora_target_modules", default=None,
-                       help="comma-separated names, one regex or all-linear; default: the attention linears")
+    model.add_argument(
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated names, one regex or all-linear; default: the attention linears",
+    )
     model.add_argument("--keep_base_dropout", action="store_true", help="keep the base model's dropout (default: off)")
     train = p.add_argument_group("optimisation")
     train.add_argument("--per_device_train_batch_size", type=int, default=4)
     train.add_argument("--per_device_eval_batch_size", type=int, default=None)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--num_train_epochs", type=float, default=3)
-    train.add_argument("--max_train_steps", type=int, default=None, help="overrides epochs; 0 saves the initial adapter")
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="overrides epochs; 0 saves the initial adapter"
+    )
     train.add_argument("--learning_rate", type=float, default=3e-4)
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     train.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=list(SchedulerType))
     train.add_argument("--num_warmup_steps", type=int, default=0)
-    train.add_argument("--seed", type=int, default=42, help="adapter initialisation and data order of evaluation; never the DP noise")
+    train.add_argument(
+        "--seed", type=int, default=42, help="adapter initialisation and data order of evaluation; never the DP noise"
+    )
     add_privacy_args(p)
     multi = p.add_argument_group("multi-process (see README: Multi-GPU, FSDP and CPU configs)")
-    multi.add_argument("--fsdp", action="store_true", help="shard the frozen base with FSDP (automatic under an FSDP "
-                       "accelerate config; this flag is for CPU tests under torchrun)")
-    multi.add_argument("--debug_sync_check", type=int, default=0, metavar="N",
-                       help="every N steps check that all processes hold identical adapters (0: off)")
+    multi.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the frozen base with FSDP (automatic under an FSDP "
+        "accelerate config; this flag is for CPU tests under torchrun)",
+    )
+    multi.add_argument(
+        "--debug_sync_check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N steps check that all processes hold identical adapters (0: off)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
     out.add_argument("--eval_freq", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     out.add_argument("--with_tracking", action="store_true")
     out.add_argument("--report_to", choices=["tensorboard", "wandb", "all"], default="tensorboard")
     out.add_argument("--checkpointing_steps", type=int, default=0, help="save a resumable checkpoint every N steps")
-    out.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
-                     help="continue from output_dir/checkpoints/step_N (latest: the newest one, if any)")
+    out.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        metavar="PATH|latest",
+        help="continue from output_dir/checkpoints/step_N (latest: the newest one, if any)",
+    )
     args = p.parse_args(argv)
     validate_args(args)
     return args
@@ -114,7 +145,9 @@ def validate_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    log_with = (["tensorboard", "wandb"] if args.report_to == "all" else [args.report_to]) if args.with_tracking else None
+    log_with = (
+        (["tensorboard", "wandb"] if args.report_to == "all" else [args.report_to]) if args.with_tracking else None
+    )
     # cpu=True where no GPU exists: otherwise a multi-process launch (accelerate, torchrun) leaves
     # every process alone in a one-process job (docs/DESIGN.md 5)
     accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=log_with, project_dir=args.output_dir)
@@ -135,10 +168,14 @@ def setup(args, accelerator):
     say = accelerator.print
     token = access_token(args.access_token)
     tokenizer = load_tokenizer(args.model_name_or_path, token)
-    raw = load_raw_datasets(args.dataset_name, args.train_file, args.validation_file, args.dataset_dir,
-                            args.privacy_unit_key)
-    units = privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name) \
-        if args.privacy_unit_key else None
+    raw = load_raw_datasets(
+        args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, args.privacy_unit_key
+    )
+    units = (
+        privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name)
+        if args.privacy_unit_key
+        else None
+    )
     # whole, 4-bit, or (FSDP) sharded with only this process's shards ever loaded; LoRA from --seed
     model = build_model(args, accelerator, token, say)
     with accelerator.main_process_first():
@@ -146,7 +183,10 @@ def setup(args, accelerator):
     train_set, eval_set = tokenized["train"], tokenized.get("validation")
     truncated = sum(train_set["truncated"])
     if truncated:  # console only: an exact count over the private data
-        say(f"note: {truncated} of {len(train_set)} training records exceed --block_size {args.block_size} and were truncated")
+        say(
+            f"note: {truncated} of {len(train_set)} training records exceed --block_size {args.block_size} "
+            "and were truncated"
+        )
     if eval_set is None:
         say("note: no validation data (--validation_file or a validation split): evaluation skipped")
     model.train()
@@ -155,38 +195,67 @@ def setup(args, accelerator):
     sampler = make_step_sampler(args, len(train_set), units, accelerator, randomness)
     plan = make_privacy_plan(args, sampler, uniform_guess_loss(model), say)
     say(plan.plan_line())
-    dp_gradient = DPGradient(model, args.clip_norm, plan.noise_multiplier if plan.private else -1,
-                             sampler.expected_batch_size, randomness, loss_clip=plan.loss_clip,
-                             loss_noise_multiplier=plan.loss_noise_multiplier, secure_noise=args.secure_noise,
-                             accountant=plan.accountant)
+    dp_gradient = DPGradient(
+        model,
+        args.clip_norm,
+        plan.noise_multiplier if plan.private else -1,
+        sampler.expected_batch_size,
+        randomness,
+        loss_clip=plan.loss_clip,
+        loss_noise_multiplier=plan.loss_noise_multiplier,
+        secure_noise=args.secure_noise,
+        accountant=plan.accountant,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, args, plan.steps)
     log = StepLog(plan)
     state = TrainingState(model, optimizer, scheduler, plan.accountant, log.history)
-    state.run_facts = {"dataset_size": len(train_set), "expected_batch_size": sampler.expected_batch_size,
-                       "sampling": args.sampling, "total_steps": plan.steps, "private": plan.private,
-                       "train_loss": plan.train_loss}
+    state.run_facts = {
+        "dataset_size": len(train_set),
+        "expected_batch_size": sampler.expected_batch_size,
+        "sampling": args.sampling,
+        "total_steps": plan.steps,
+        "private": plan.private,
+        "train_loss": plan.train_loss,
+    }
     accelerator.register_for_checkpointing(state)
     if args.with_tracking:
         accelerator.init_trackers("dp_lora_finetuning", tracker_config(args))
-    return SimpleNamespace(model=model, params=params, sampler=sampler, plan=plan, dp_gradient=dp_gradient,
-                           optimizer=optimizer, scheduler=scheduler, state=state, log=log, eval_set=eval_set,
-                           collator=Collator(train_set, tokenizer.pad_token_id),
-                           eval_collator=Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None,
-                           eval_batch=args.per_device_eval_batch_size or args.per_device_train_batch_size)
+    return SimpleNamespace(
+        model=model,
+        params=params,
+        sampler=sampler,
+        plan=plan,
+        dp_gradient=dp_gradient,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        log=log,
+        eval_set=eval_set,
+        collator=Collator(train_set, tokenizer.pad_token_id),
+        eval_collator=Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None,
+        eval_batch=args.per_device_eval_batch_size or args.per_device_train_batch_size,
+    )
 
 
 def make_step_sampler(args, num_records, units, accelerator, randomness):
     """Records (Poisson or shuffle), or privacy units of several records under --privacy_unit_key."""
-    layout = (args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
-              accelerator.process_index, randomness)
+    layout = (
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        randomness,
+    )
     if units is None:
         return make_sampler(args.sampling, num_records, *layout)
     sampler = UnitPoissonSampler(units, *layout, args.max_records_per_unit)
     beyond = sampler.records_beyond_cap()
     if beyond:  # console only: an exact statistic of the private data
-        accelerator.print(f"note: {beyond} of {num_records} records are beyond --max_records_per_unit "
-                          f"{args.max_records_per_unit} in their unit; each step uses a random {args.max_records_per_unit}")
+        accelerator.print(
+            f"note: {beyond} of {num_records} records are beyond --max_records_per_unit "
+            f"{args.max_records_per_unit} in their unit; each step uses a random {args.max_records_per_unit}"
+        )
     return sampler
 
 
@@ -211,11 +280,17 @@ def run_eval(run, accelerator):
 
 def train(args, run, accelerator):
     total, plan, say = run.plan.steps, run.plan, accelerator.print
-    bar = tqdm(range(run.state.step, total), initial=run.state.step, total=total,
-               disable=not accelerator.is_local_main_process, desc="training")
+    bar = tqdm(
+        range(run.state.step, total),
+        initial=run.state.step,
+        total=total,
+        disable=not accelerator.is_local_main_process,
+        desc="training",
+    )
     for step in bar:
-        stats = train_logical_step(run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient,
-                                   accelerator, step)
+        stats = train_logical_step(
+            run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient, accelerator, step
+        )
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -223,13 +298,17 @@ def train(args, run, accelerator):
             assert_replicas_agree(run.params, step + 1)
         if stats.nonfinite:  # console only: the count is an exact statistic of the sample
             say(f"note: step {step + 1}: {stats.nonfinite} records had a non-finite gradient and contributed zero")
-        row = run.log.add(step + 1, stats, run.scheduler.get_last_lr()[0], with_epsilon=step % 10 == 0 or step == total - 1)
+        row = run.log.add(
+            step + 1, stats, run.scheduler.get_last_lr()[0], with_epsilon=step % 10 == 0 or step == total - 1
+        )
         if args.eval_freq and (step + 1) % args.eval_freq == 0 and step + 1 < total:
             metrics = run_eval(run, accelerator)
             row.update(metrics)
             if metrics:
-                say(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f}"
-                    + (f" epsilon {plan.epsilon():.4g}" if plan.private else ""))
+                say(
+                    f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f}"
+                    + (f" epsilon {plan.epsilon():.4g}" if plan.private else "")
+                )
         bar.set_postfix(run.log.postfix)
         if args.with_tracking:
             accelerator.log(row, step=step + 1)
@@ -247,18 +326,26 @@ def save(args, run, accelerator):
     metrics = run_eval(run, accelerator)
     epsilon = plan.epsilon()
     if metrics:
-        accelerator.print(f"final: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
-                          f"epsilon {epsilon if epsilon is not None else 'inf'}")
+        accelerator.print(
+            f"final: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
+            f"epsilon {epsilon if epsilon is not None else 'inf'}"
+        )
     if args.with_tracking:
         accelerator.log({**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}, step=plan.steps)
         accelerator.end_training()
     report = plan.report(plan.steps, accelerator.num_processes)
-    results = {"train_loss": run.log.last_released_loss, "eval_loss": metrics.get("eval_loss"),
-               "eval_perplexity": metrics.get("eval_perplexity"), "epsilon": epsilon,
-               "epsilon_replace_one": report["epsilon_replace_one"], "steps": plan.steps,
-               **({"note": plan.caveat} if plan.caveat else {})}
+    results = {
+        "train_loss": run.log.last_released_loss,
+        "eval_loss": metrics.get("eval_loss"),
+        "eval_perplexity": metrics.get("eval_perplexity"),
+        "epsilon": epsilon,
+        "epsilon_replace_one": report["epsilon_replace_one"],
+        "steps": plan.steps,
+        **({"note": plan.caveat} if plan.caveat else {}),
+    }
     run.dp_gradient.detach()
     if accelerator.is_main_process:
+
         def write(folder):
             save_adapter(run.model, folder)
             write_json(os.path.join(folder, "privacy_report.json"), report)
@@ -266,6 +353,7 @@ def save(args, run, accelerator):
             write_json(os.path.join(folder, "training_log.json"), run.log.history)
             if run.log.exact:
                 write_json(os.path.join(folder, EXACT_LOG_FILE), run.log.exact)
+
         publish_outputs(args.output_dir, write)
         accelerator.print(f"saved adapter and reports to {args.output_dir}")
     accelerator.wait_for_everyone()

@@ -94,7 +94,7 @@ def guess_and_count(scores, included, num_guesses):
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     k_plus = (num_guesses + 1) // 2
     k_minus = num_guesses - k_plus
-    guessed_in, guessed_out = order[:k_plus], order[len(order) - k_minus:] if k_minus else []
+    guessed_in, guessed_out = order[:k_plus], order[len(order) - k_minus :] if k_minus else []
     correct = sum(included[i] for i in guessed_in) + sum(not included[i] for i in guessed_out)
     return k_plus, k_minus, correct
 
@@ -114,8 +114,13 @@ def make_canaries(tokenizer, m, length, rng):
     def ok(i):
         if i not in valid:
             text = tokenizer.decode([i])
-            valid[i] = (i not in special and text.strip() != "" and text.isprintable() and "\ufffd" not in text
-                        and tokenizer(text, add_special_tokens=False)["input_ids"] == [i])
+            valid[i] = (
+                i not in special
+                and text.strip() != ""
+                and text.isprintable()
+                and "\ufffd" not in text
+                and tokenizer(text, add_special_tokens=False)["input_ids"] == [i]
+            )
         return valid[i]
 
     canaries = []
@@ -135,6 +140,7 @@ def make_canaries(tokenizer, m, length, rng):
 
 def read_population(path):
     from utils.data_utils import load_records_file
+
     ds = load_records_file(path)
     return list(zip(ds["instruction"], ds["answer"]))
 
@@ -168,31 +174,52 @@ def canary_losses(model, tokenizer, canaries, block_size, batch_size=16):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Unknown arguments go to train_clm.py (e.g. --learning_rate 1e-2 --lora_r 32).")
+        epilog="Unknown arguments go to train_clm.py (e.g. --learning_rate 1e-2 --lora_r 32).",
+    )
     p.add_argument("--output_dir", required=True, help="canary data, the training run, audit.json")
-    p.add_argument("--attack", choices=["adapter", "release"], default="adapter",
-                   help="adapter: one-run canary audit of the trained adapter; release: the output folder's "
-                        "logged numbers over many runs of neighbouring data sets (audit_release.json)")
+    p.add_argument(
+        "--attack",
+        choices=["adapter", "release"],
+        default="adapter",
+        help="adapter: one-run canary audit of the trained adapter; release: the output folder's "
+        "logged numbers over many runs of neighbouring data sets (audit_release.json)",
+    )
     p.add_argument("--num_runs", type=int, default=100, help="release attack: runs per world")
     p.add_argument("--calibration_runs", type=int, default=30, help="release attack: runs that fix the threshold")
     p.add_argument("--model_name_or_path", default=None, help="default: build a tiny random Llama in output_dir")
-    p.add_argument("--population_file", default=None,
-                   help="records always in the training set (JSON / JSON Lines); default: local English sentences")
+    p.add_argument(
+        "--population_file",
+        default=None,
+        help="records always in the training set (JSON / JSON Lines); default: local English sentences",
+    )
     p.add_argument("--num_population", type=int, default=64, help="sentences used without --population_file")
     p.add_argument("--num_canaries", type=int, default=256, help="m")
     p.add_argument("--canary_tokens", type=int, default=8, help="random vocabulary tokens per canary")
-    p.add_argument("--unit_records", type=int, default=1,
-                   help="records per canary: above 1, each canary is a privacy unit of that many records "
-                        "(train_clm.py --privacy_unit_key), audited at unit level")
-    p.add_argument("--num_guesses", type=int, default=None,
-                   help="r = k+ + k-, the rest abstained on (default: min(m, 100))")
+    p.add_argument(
+        "--unit_records",
+        type=int,
+        default=1,
+        help="records per canary: above 1, each canary is a privacy unit of that many records "
+        "(train_clm.py --privacy_unit_key), audited at unit level",
+    )
+    p.add_argument(
+        "--num_guesses", type=int, default=None, help="r = k+ + k-, the rest abstained on (default: min(m, 100))"
+    )
     p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--num_train_epochs", type=float, default=20,
-                   help="steps = epochs x (population + m/2) / batch, fixed before the canaries are drawn in")
+    p.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=20,
+        help="steps = epochs x (population + m/2) / batch, fixed before the canaries are drawn in",
+    )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the training run and of the bound")
     privacy = p.add_mutually_exclusive_group()
-    privacy.add_argument("--target_epsilon", type=float, default=None, help="DP run (default 4, or 0.1 with "
-                         "--attack release, unless --noise_multiplier is passed on)")
+    privacy.add_argument(
+        "--target_epsilon",
+        type=float,
+        default=None,
+        help="DP run (default 4, or 0.1 with --attack release, unless --noise_multiplier is passed on)",
+    )
     privacy.add_argument("--non_private", action="store_true", help="train without clipping or noise")
     p.add_argument("--audit_seed", type=int, default=0, help="canaries and their inclusion (not the DP noise)")
     args, train_args = p.parse_known_args(argv)
@@ -259,8 +286,10 @@ def main(argv=None):
     texts = [text for unit in canaries for text in unit]
     trained, base = canary_losses(model, tokenizer, texts, train_clm.parse_args(train_argv).block_size)
     per_unit = args.unit_records
-    scores = [sum(base[i:i + per_unit]) / per_unit - sum(trained[i:i + per_unit]) / per_unit
-              for i in range(0, len(texts), per_unit)]
+    scores = [
+        sum(base[i : i + per_unit]) / per_unit - sum(trained[i : i + per_unit]) / per_unit
+        for i in range(0, len(texts), per_unit)
+    ]
     k_plus, k_minus, correct = guess_and_count(scores, included, args.num_guesses)
     m, r = args.num_canaries, args.num_guesses
     bound = epsilon_lower_bound(m, r, correct, args.delta, args.confidence)
@@ -270,17 +299,26 @@ def main(argv=None):
         "empirical_epsilon_lower_bound": bound,
         "confidence": args.confidence,
         "delta": args.delta,
-        "num_canaries": m, "num_included": sum(included), "num_guesses": r, "k_plus": k_plus, "k_minus": k_minus,
-        "records_per_canary": per_unit, "privacy_unit": report.get("privacy_unit"),
+        "num_canaries": m,
+        "num_included": sum(included),
+        "num_guesses": r,
+        "k_plus": k_plus,
+        "k_minus": k_minus,
+        "records_per_canary": per_unit,
+        "privacy_unit": report.get("privacy_unit"),
         "correct_guesses": correct,
         "mean_score_included": _mean([s for s, i in zip(scores, included) if i]),
         "mean_score_excluded": _mean([s for s, i in zip(scores, included) if not i]),
-        "dataset_size": report.get("dataset_size"), "steps": report.get("steps"),
-        "noise_multiplier": report.get("noise_multiplier"), "clip_norm": report.get("clip_norm"),
+        "dataset_size": report.get("dataset_size"),
+        "steps": report.get("steps"),
+        "noise_multiplier": report.get("noise_multiplier"),
+        "clip_norm": report.get("clip_norm"),
         "sampling_rate": report.get("sampling_rate"),
         "method": "one-run audit, Steinke, Nasr & Jagielski 2023 (Appendix D bound, delta term included)",
-        "note": ("steps fixed from the expected data set size; the sampling rate q = B/N follows the realised "
-                 "size (canaries drawn in included); the claimed epsilon is the run's own report"),
+        "note": (
+            "steps fixed from the expected data set size; the sampling rate q = B/N follows the realised "
+            "size (canaries drawn in included); the claimed epsilon is the run's own report"
+        ),
         "train_args": train_argv,
         "canaries": [{"texts": unit, "included": inc, "score": s} for unit, inc, s in zip(canaries, included, scores)],
     }
@@ -301,10 +339,13 @@ def write_training_set(args, tokenizer):
     probability 1/2 (the audit's own randomness), beside the population; the training file."""
     rng = random.Random(args.audit_seed)
     texts = make_canaries(tokenizer, args.num_canaries * args.unit_records, args.canary_tokens, rng)
-    canaries = [texts[i:i + args.unit_records] for i in range(0, len(texts), args.unit_records)]
+    canaries = [texts[i : i + args.unit_records] for i in range(0, len(texts), args.unit_records)]
     included = [rng.random() < 0.5 for _ in canaries]
-    population = (read_population(args.population_file) if args.population_file
-                  else [("", s) for s in local_sentences(args.num_population)])
+    population = (
+        read_population(args.population_file)
+        if args.population_file
+        else [("", s) for s in local_sentences(args.num_population)]
+    )
     records = [(i, a, f"p{k}") for k, (i, a) in enumerate(population)]
     records += [("", text, f"c{k}") for k, (unit, inc) in enumerate(zip(canaries, included)) if inc for text in unit]
     rng.shuffle(records)
@@ -317,14 +358,34 @@ def write_training_set(args, tokenizer):
 
 def training_arguments(args, data_file, model_path, run_dir, tiny, population, passed_on):
     """train_clm.py's arguments: this audit's defaults, then those passed on (which override them)."""
-    defaults = ["--block_size", "64", "--per_device_train_batch_size", "8",
-                "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--seed", str(args.audit_seed)]
+    defaults = [
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--seed",
+        str(args.audit_seed),
+    ]
     if tiny:
         defaults += ["--lora_target_modules", TINY_TARGETS]
     if args.unit_records > 1:  # a canary is a unit of several records, clipped and accounted as one
         defaults += ["--privacy_unit_key", "unit", "--max_records_per_unit", str(args.unit_records)]
-    train_argv = ["--train_file", data_file, "--model_name_or_path", model_path, "--output_dir", run_dir,
-                  "--delta", repr(args.delta), *defaults, *passed_on]
+    train_argv = [
+        "--train_file",
+        data_file,
+        "--model_name_or_path",
+        model_path,
+        "--output_dir",
+        run_dir,
+        "--delta",
+        repr(args.delta),
+        *defaults,
+        *passed_on,
+    ]
     # the number of steps must not depend on which canaries were drawn in: fix it from the
     # expected number of units (the arguments are checked here too, before anything is trained)
     planned = train_clm.parse_args(train_argv)
@@ -339,12 +400,18 @@ def report_release_audit(args, result):
     with open(os.path.join(args.output_dir, "audit_release.json"), "w") as f:
         json.dump(result, f, indent=2)
     claimed = result["claimed_epsilon_replace_one"]  # same-size neighbours: the replace-one relation
-    print(f"release audit ({result['train_loss']} training loss): canary flagged in {result['flagged_with_canary']} "
-          f"of {args.num_runs} runs, falsely in {result['flagged_without_canary']} of {args.num_runs}")
-    print(f"claimed epsilon: {'inf (non-private)' if claimed is None else f'{claimed:.3f}'} (replace-one) "
-          f"at delta {args.delta:g}")
-    print(f"empirical epsilon lower bound: {result['empirical_epsilon_lower_bound']:.3f} at "
-          f"{100 * args.confidence:g}% confidence")
+    print(
+        f"release audit ({result['train_loss']} training loss): canary flagged in {result['flagged_with_canary']} "
+        f"of {args.num_runs} runs, falsely in {result['flagged_without_canary']} of {args.num_runs}"
+    )
+    print(
+        f"claimed epsilon: {'inf (non-private)' if claimed is None else f'{claimed:.3f}'} (replace-one) "
+        f"at delta {args.delta:g}"
+    )
+    print(
+        f"empirical epsilon lower bound: {result['empirical_epsilon_lower_bound']:.3f} at "
+        f"{100 * args.confidence:g}% confidence"
+    )
     if claimed is not None and result["empirical_epsilon_lower_bound"] > claimed:
         print("WARNING: the empirical lower bound exceeds the claimed epsilon: what the run publishes is not covered")
     return result

@@ -52,11 +52,34 @@ def learned_base(model_path, records, folder, seed):
     data = os.path.join(folder + "_data.jsonl")
     write_jsonl(data, records)
     run = folder + "_run"
-    train_clm.main(["--train_file", data, "--model_name_or_path", model_path, "--output_dir", run,
-                    "--block_size", "64", "--per_device_train_batch_size", str(len(records)),
-                    "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,lm_head", "--lora_r", "16",
-                    "--learning_rate", "1e-2", "--max_train_steps", str(PRETRAIN_STEPS), "--seed", str(seed),
-                    "--clip_norm", "-1", "--noise_multiplier", "-1"])
+    train_clm.main(
+        [
+            "--train_file",
+            data,
+            "--model_name_or_path",
+            model_path,
+            "--output_dir",
+            run,
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            str(len(records)),
+            "--lora_target_modules",
+            "q_proj,k_proj,v_proj,o_proj,lm_head",
+            "--lora_r",
+            "16",
+            "--learning_rate",
+            "1e-2",
+            "--max_train_steps",
+            str(PRETRAIN_STEPS),
+            "--seed",
+            str(seed),
+            "--clip_norm",
+            "-1",
+            "--noise_multiplier",
+            "-1",
+        ]
+    )
     merged = load_adapter(load_model(model_path), run).merge_and_unload()
     merged.save_pretrained(folder)
     load_tokenizer(model_path).save_pretrained(folder)
@@ -105,10 +128,31 @@ def release_audit(args, passed_on, model_path, make_canaries):
         shutil.rmtree(run_dir, ignore_errors=True)
         data = os.path.join(args.output_dir, f"world{world}.jsonl")
         write_jsonl(data, worlds[world])
-        train_clm.main(["--train_file", data, "--model_name_or_path", base, "--output_dir", run_dir,
-                        "--block_size", "64", "--per_device_train_batch_size", "8", "--max_train_steps", "24",
-                        "--lora_target_modules", "q_proj,v_proj", "--learning_rate", "3e-3", "--delta", repr(args.delta),
-                        "--insecure_dp_seed", str(next(seeds)), *passed_on])
+        train_clm.main(
+            [
+                "--train_file",
+                data,
+                "--model_name_or_path",
+                base,
+                "--output_dir",
+                run_dir,
+                "--block_size",
+                "64",
+                "--per_device_train_batch_size",
+                "8",
+                "--max_train_steps",
+                "24",
+                "--lora_target_modules",
+                "q_proj,v_proj",
+                "--learning_rate",
+                "3e-3",
+                "--delta",
+                repr(args.delta),
+                "--insecure_dp_seed",
+                str(next(seeds)),
+                *passed_on,
+            ]
+        )
         with open(os.path.join(run_dir, "privacy_report.json")) as f:
             report = json.load(f)
         value = max(logged_losses(run_dir), default=-math.inf)
@@ -125,11 +169,19 @@ def release_audit(args, passed_on, model_path, make_canaries):
     bound = epsilon_from_rates(flagged[1], flagged[0], args.num_runs, args.delta, args.confidence)
     return {
         "attack": "release: largest training loss logged in the output folder (adapter not used)",
-        "claimed_epsilon": report.get("epsilon"), "claimed_epsilon_replace_one": report.get("epsilon_replace_one"),
+        "claimed_epsilon": report.get("epsilon"),
+        "claimed_epsilon_replace_one": report.get("epsilon_replace_one"),
         "train_loss": report.get("train_loss"),
-        "empirical_epsilon_lower_bound": bound, "confidence": args.confidence, "delta": args.delta,
-        "dataset_size": report.get("dataset_size"), "steps": report.get("steps"),
-        "noise_multiplier": report.get("noise_multiplier"), "sampling_rate": report.get("sampling_rate"),
-        "calibration_runs": args.calibration_runs, "threshold": threshold,
-        "runs_per_world": args.num_runs, "flagged_with_canary": flagged[1], "flagged_without_canary": flagged[0],
+        "empirical_epsilon_lower_bound": bound,
+        "confidence": args.confidence,
+        "delta": args.delta,
+        "dataset_size": report.get("dataset_size"),
+        "steps": report.get("steps"),
+        "noise_multiplier": report.get("noise_multiplier"),
+        "sampling_rate": report.get("sampling_rate"),
+        "calibration_runs": args.calibration_runs,
+        "threshold": threshold,
+        "runs_per_world": args.num_runs,
+        "flagged_with_canary": flagged[1],
+        "flagged_without_canary": flagged[0],
     }

@@ -44,10 +44,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {
     "cpu-small": dict(config=(2048, 128, 256, 2, 4, 2), batch=8, block=128, repeats=40, warmup=5),
     "cpu-medium": dict(config=(8192, 512, 1536, 12, 8, 8), batch=8, block=128, repeats=11, warmup=2),
-    "smollm2": dict(path=os.path.join(REPO_ROOT, "models", "SmolLM2-135M-Instruct"), batch=8, block=128,
-                    repeats=7, warmup=1),
-    "gpu-7b": dict(config=(32000, 4096, 11008, 32, 32, 32), batch=8, block=512, repeats=10, warmup=3,
-                   device="cuda", dtype="bfloat16"),
+    "smollm2": dict(
+        path=os.path.join(REPO_ROOT, "models", "SmolLM2-135M-Instruct"), batch=8, block=128, repeats=7, warmup=1
+    ),
+    "gpu-7b": dict(
+        config=(32000, 4096, 11008, 32, 32, 32),
+        batch=8,
+        block=512,
+        repeats=10,
+        warmup=3,
+        device="cuda",
+        dtype="bfloat16",
+    ),
 }
 VARIANTS = ("nonprivate", "dp", "dp_secure", "opacus_hooks", "opacus_ghost")
 CLIP_NORM, SIGMA, LR = 1.0, 1.0, 1e-4
@@ -94,8 +102,17 @@ def build_model(args):
         model = AutoModelForCausalLM.from_pretrained(preset["path"], dtype=args.dtype)
     else:
         vocab, hidden, inter, layers, heads, kv = preset["config"]
-        model = random_llama(vocab, hidden, inter, args.layers or layers, heads, kv, max(args.block_size, 128),
-                             dtype=args.dtype, device=args.device)
+        model = random_llama(
+            vocab,
+            hidden,
+            inter,
+            args.layers or layers,
+            heads,
+            kv,
+            max(args.block_size, 128),
+            dtype=args.dtype,
+            device=args.device,
+        )
     model.config.use_cache = False
     model = add_lora(model, r=args.lora_r, alpha=args.lora_r, seed=0)  # adapters stay float32 (PEFT)
     return randomise_lora_b(model, std=0.02).to(args.device).train()
@@ -156,8 +173,9 @@ class Ours(NonPrivate):
     secure_noise = False
 
     def install(self):
-        self.dp = DPGradient(self.model, self.clip, self.sigma, self.args.batch_size, self.randomness,
-                             secure_noise=self.secure_noise)
+        self.dp = DPGradient(
+            self.model, self.clip, self.sigma, self.args.batch_size, self.randomness, secure_noise=self.secure_noise
+        )
 
     def gradient(self, batch, step):
         losses, counts = per_record_loss(logits_of(self.model, batch, self.args), batch["labels"])
@@ -182,8 +200,13 @@ class OpacusHooks(NonPrivate):
         from opacus.optimizers import DPOptimizer
 
         super().__init__(model, args, **kw)
-        self.dp_opt = DPOptimizer(self.opt, noise_multiplier=self.sigma, max_grad_norm=self.clip,
-                                  expected_batch_size=args.batch_size, loss_reduction="mean")
+        self.dp_opt = DPOptimizer(
+            self.opt,
+            noise_multiplier=self.sigma,
+            max_grad_norm=self.clip,
+            expected_batch_size=args.batch_size,
+            loss_reduction="mean",
+        )
 
     def install(self):
         from opacus import GradSampleModule
@@ -213,15 +236,21 @@ class OpacusGhost(OpacusHooks):
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         NonPrivate.__init__(self, model, args, **kw)
-        self.dp_opt = DPOptimizerFastGradientClipping(self.opt, noise_multiplier=self.sigma, max_grad_norm=self.clip,
-                                                      expected_batch_size=args.batch_size, loss_reduction="mean")
+        self.dp_opt = DPOptimizerFastGradientClipping(
+            self.opt,
+            noise_multiplier=self.sigma,
+            max_grad_norm=self.clip,
+            expected_batch_size=args.batch_size,
+            loss_reduction="mean",
+        )
 
     def install(self):
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        self.gsm = GradSampleModuleFastGradientClipping(self.model, batch_first=True, loss_reduction="mean",
-                                                        max_grad_norm=self.clip, use_ghost_clipping=True)
+        self.gsm = GradSampleModuleFastGradientClipping(
+            self.model, batch_first=True, loss_reduction="mean", max_grad_norm=self.clip, use_ghost_clipping=True
+        )
         criterion = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="mean")
         self.criterion = DPLossFastGradientClipping(self.gsm, self.dp_opt, criterion, loss_reduction="mean")
 
@@ -232,8 +261,13 @@ class OpacusGhost(OpacusHooks):
         self.dp_opt.pre_step()
 
 
-CLASSES = {"nonprivate": NonPrivate, "dp": Ours, "dp_secure": OursSecure, "opacus_hooks": OpacusHooks,
-           "opacus_ghost": OpacusGhost}
+CLASSES = {
+    "nonprivate": NonPrivate,
+    "dp": Ours,
+    "dp_secure": OursSecure,
+    "opacus_hooks": OpacusHooks,
+    "opacus_ghost": OpacusGhost,
+}
 
 
 def note_failure(notes, what, err):
@@ -282,7 +316,7 @@ def time_variants(variants, batch, args, notes):
     times, peaks, step = {name: [] for name in variants}, {name: 0.0 for name in variants}, 0
     for rnd in range(args.warmup + args.repeats):
         names = list(variants)
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             variant = variants[name]
             try:
                 variant.install()
@@ -339,15 +373,34 @@ def memory_child(args):
 
 def cpu_memory(args, names, notes, jobs=2):
     """One fresh subprocess per variant, `jobs` at a time (each measures only its own process)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--batch_size", str(args.batch_size),
-           "--block_size", str(args.block_size), "--lora_r", str(args.lora_r), "--device", args.device]
-    cmd += (["--layers", str(args.layers)] if args.layers else []) + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--preset",
+        args.preset,
+        "--batch_size",
+        str(args.batch_size),
+        "--block_size",
+        str(args.block_size),
+        "--lora_r",
+        str(args.lora_r),
+        "--device",
+        args.device,
+    ]
+    cmd += (["--layers", str(args.layers)] if args.layers else []) + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     peaks, running, pending = {}, {}, list(names)
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            running[name] = subprocess.Popen(cmd + ["--memory_child", name], stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True, env={**os.environ, **MEMORY_ENV})
+            running[name] = subprocess.Popen(
+                cmd + ["--memory_child", name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **MEMORY_ENV},
+            )
         name = next(iter(running))
         out, err = running.pop(name).communicate()
         try:
@@ -421,9 +474,11 @@ def main(argv=None):
     others = other_work_share(before, (busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()))
     med = {name: statistics.median(t) for name, t in times.items()}
     if (others or 0) > 0.1 or any(spread_too_wide(t) for t in times.values()):
-        notes.append(f"machine busy (other processes used {100 * (others or 0):.0f}% of the {os.cpu_count()} cores "
-                     "while timing, or step times spread over 1.5x between quartiles): medians are unreliable; "
-                     "compare min_s, or rerun on an idle machine")
+        notes.append(
+            f"machine busy (other processes used {100 * (others or 0):.0f}% of the {os.cpu_count()} cores "
+            "while timing, or step times spread over 1.5x between quartiles): medians are unreliable; "
+            "compare min_s, or rerun on an idle machine"
+        )
     if peak_mem is not None:
         mem_method = "CUDA max_memory_allocated during a step minus allocated before it (max over rounds)"
     elif args.no_memory:
@@ -431,28 +486,48 @@ def main(argv=None):
     else:
         del model, variants
         peak_mem = cpu_memory(args, list(med), notes)
-        mem_method = (f"peak RSS growth over the first {MEMORY_STEPS} steps in a fresh subprocess per variant "
-                      "(VmHWM reset through /proc/self/clear_refs; malloc mmap threshold 64 KiB)")
+        mem_method = (
+            f"peak RSS growth over the first {MEMORY_STEPS} steps in a fresh subprocess per variant "
+            "(VmHWM reset through /proc/self/clear_refs; malloc mmap threshold 64 KiB)"
+        )
 
     def ratio(a, b, of=med):
         return of[a] / of[b] if a in of and b in of else None
 
     mins = {name: min(t) for name, t in times.items()}
     result = {
-        "preset": args.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device": args.device, "dtype": str(args.dtype).replace("torch.", ""), "params": sizes[0],
-        "trainable_params": sizes[1], "batch_size": args.batch_size, "block_size": args.block_size,
-        "lora_r": args.lora_r, "layers": args.layers, "repeats": args.repeats, "warmup": args.warmup,
-        "nonprivate_s": med["nonprivate"], "dp_s": med["dp"], "dp_over_nonprivate": ratio("dp", "nonprivate"),
-        "dp_secure_s": med.get("dp_secure"), "dp_secure_over_dp": ratio("dp_secure", "dp"),
-        "opacus_hooks_s": med.get("opacus_hooks"), "opacus_hooks_over_dp": ratio("opacus_hooks", "dp"),
-        "opacus_ghost_s": med.get("opacus_ghost"), "opacus_ghost_over_dp": ratio("opacus_ghost", "dp"),
+        "preset": args.preset,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "params": sizes[0],
+        "trainable_params": sizes[1],
+        "batch_size": args.batch_size,
+        "block_size": args.block_size,
+        "lora_r": args.lora_r,
+        "layers": args.layers,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "nonprivate_s": med["nonprivate"],
+        "dp_s": med["dp"],
+        "dp_over_nonprivate": ratio("dp", "nonprivate"),
+        "dp_secure_s": med.get("dp_secure"),
+        "dp_secure_over_dp": ratio("dp_secure", "dp"),
+        "opacus_hooks_s": med.get("opacus_hooks"),
+        "opacus_hooks_over_dp": ratio("opacus_hooks", "dp"),
+        "opacus_ghost_s": med.get("opacus_ghost"),
+        "opacus_ghost_over_dp": ratio("opacus_ghost", "dp"),
         "dp_over_nonprivate_paired": statistics.median(d / n for d, n in zip(times["dp"], times["nonprivate"])),
-        "min_s": mins, "dp_over_nonprivate_min": ratio("dp", "nonprivate", mins),
-        "peak_mem_mb": peak_mem, "peak_mem_method": mem_method,
+        "min_s": mins,
+        "dp_over_nonprivate_min": ratio("dp", "nonprivate", mins),
+        "peak_mem_mb": peak_mem,
+        "peak_mem_method": mem_method,
         "dp_peak_mem_over_nonprivate": ratio("dp", "nonprivate", peak_mem) if peak_mem.get("nonprivate") else None,
-        "check_max_rel_diff": check, "other_work_cpu_share": None if others is None else round(others, 3),
-        "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()}, "notes": notes,
+        "check_max_rel_diff": check,
+        "other_work_cpu_share": None if others is None else round(others, 3),
+        "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
+        "notes": notes,
     }
     print_table(result, med)
     if args.json:
@@ -467,21 +542,29 @@ def other_work(r):
 
 
 def print_table(r, med):
-    print(f"preset {r['preset']}: {r['params'] / 1e6:.2f}M params ({r['trainable_params'] / 1e6:.3f}M LoRA "
-          f"r={r['lora_r']}), batch {r['batch_size']} x {r['block_size']} tokens, {r['dtype']} on {r['device']}, "
-          f"torch {r['torch']}, {r['threads']} threads; median of {r['repeats']} rounds after {r['warmup']} warm-up")
+    print(
+        f"preset {r['preset']}: {r['params'] / 1e6:.2f}M params ({r['trainable_params'] / 1e6:.3f}M LoRA "
+        f"r={r['lora_r']}), batch {r['batch_size']} x {r['block_size']} tokens, {r['dtype']} on {r['device']}, "
+        f"torch {r['torch']}, {r['threads']} threads; median of {r['repeats']} rounds after {r['warmup']} warm-up"
+    )
     print(f"{'variant':<14}{'median s':>10}{'x nonprivate':>14}{'x ours':>9}{'min s':>10}{'peak MiB':>10}")
     for name, t in med.items():
         mem = r["peak_mem_mb"].get(name)
-        print(f"{name:<14}{t:>10.4f}{t / med['nonprivate']:>14.3f}{t / med['dp']:>9.3f}{r['min_s'][name]:>10.4f}"
-              f"{(f'{mem:.1f}' if mem is not None else '-'):>10}")
-    print(f"dp / nonprivate {r['dp_over_nonprivate']:.3f} (median of per-round ratios "
-          f"{r['dp_over_nonprivate_paired']:.3f}, ratio of minima {r['dp_over_nonprivate_min']:.3f}); "
-          f"other processes used {other_work(r)} of the CPU while timing")
+        print(
+            f"{name:<14}{t:>10.4f}{t / med['nonprivate']:>14.3f}{t / med['dp']:>9.3f}{r['min_s'][name]:>10.4f}"
+            f"{(f'{mem:.1f}' if mem is not None else '-'):>10}"
+        )
+    print(
+        f"dp / nonprivate {r['dp_over_nonprivate']:.3f} (median of per-round ratios "
+        f"{r['dp_over_nonprivate_paired']:.3f}, ratio of minima {r['dp_over_nonprivate_min']:.3f}); "
+        f"other processes used {other_work(r)} of the CPU while timing"
+    )
     print(f"memory: {r['peak_mem_method']}")
     if r["check_max_rel_diff"] is not None:
-        print("same gradient as ours (max rel. difference, no noise): "
-              + ", ".join(f"{k} {v:.1e}" for k, v in r["check_max_rel_diff"].items()))
+        print(
+            "same gradient as ours (max rel. difference, no noise): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in r["check_max_rel_diff"].items())
+        )
     for note in r["notes"]:
         print(f"note: {note}")
 

@@ -37,19 +37,29 @@ from utils.data_utils import PUBMED_PROMPT as PROMPT
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "outputs", "demo"))
     p.add_argument("--target_epsilon", type=float, default=8.0)
-    p.add_argument("--privacy_unit", choices=["record", "author"], default="record",
-                   help="what epsilon protects: one abstract, or one first author with all their abstracts")
-    p.add_argument("--max_records_per_unit", type=int, default=4, help="with --privacy_unit author: abstracts per author and step")
+    p.add_argument(
+        "--privacy_unit",
+        choices=["record", "author"],
+        default="record",
+        help="what epsilon protects: one abstract, or one first author with all their abstracts",
+    )
+    p.add_argument(
+        "--max_records_per_unit", type=int, default=4, help="with --privacy_unit author: abstracts per author and step"
+    )
     p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 1 / (10 x privacy units))")
-    p.add_argument("--train_records", type=int, default=None,
-                   help="training set size N, default: the whole train split (the privacy unit is one abstract; "
-                        "q = batch_size / N)")
+    p.add_argument(
+        "--train_records",
+        type=int,
+        default=None,
+        help="training set size N, default: the whole train split (the privacy unit is one abstract; "
+        "q = batch_size / N)",
+    )
     p.add_argument("--val_records", type=int, default=256, help="validation subset for perplexity")
     p.add_argument("--steps", type=int, default=7, help="DP-SGD steps (logical batches)")
     p.add_argument("--batch_size", type=int, default=128, help="expected logical batch size B (Poisson sampling)")
@@ -59,11 +69,16 @@ def parse_args(argv=None):
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--learning_rate", type=float, default=1e-2)
     p.add_argument("--clip_norm", type=float, default=1.0)
-    p.add_argument("--compare_nonprivate", action="store_true",
-                   help="also train non-private LoRA with the same data and steps (adds the training time again)")
+    p.add_argument(
+        "--compare_nonprivate",
+        action="store_true",
+        help="also train non-private LoRA with the same data and steps (adds the training time again)",
+    )
     p.add_argument("--num_samples", type=int, default=4, help="synthetic abstracts to generate")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="subset choice, adapter initialisation and sampling of generations")
+    p.add_argument(
+        "--seed", type=int, default=0, help="subset choice, adapter initialisation and sampling of generations"
+    )
     p.add_argument("--model_name_or_path", default=None, help="default: models/SmolLM2-135M-Instruct (built if absent)")
     p.add_argument("--dataset_dir", default=None, help="default: data/pubmed_dataset (built if absent)")
     add_evaluate_args(p)
@@ -71,8 +86,15 @@ def parse_args(argv=None):
     args.compare_nonprivate = args.compare_nonprivate or args.evaluate  # --evaluate measures both adapters
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size}")
-    for name in ("train_records", "val_records", "steps", "num_samples",
-                 "eval_records", "eval_batch_size", "eval_seeds"):
+    for name in (
+        "train_records",
+        "val_records",
+        "steps",
+        "num_samples",
+        "eval_records",
+        "eval_batch_size",
+        "eval_seeds",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     return args
@@ -85,9 +107,12 @@ EVAL_SETS = ("base", "dp", "nonprivate")
 
 def add_evaluate_args(p):
     g = p.add_argument_group("synthetic data evaluation")
-    g.add_argument("--evaluate", action="store_true",
-                   help="also train the non-private adapter, generate --eval_records abstracts each from the base "
-                        "model, the DP and the non-private adapter, and measure them (scripts/evaluate_synthetic.py)")
+    g.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="also train the non-private adapter, generate --eval_records abstracts each from the base "
+        "model, the DP and the non-private adapter, and measure them (scripts/evaluate_synthetic.py)",
+    )
     g.add_argument("--eval_records", type=int, default=512, help="synthetic abstracts per model")
     g.add_argument("--eval_batch_size", type=int, default=32, help="prompts per generate() call")
     g.add_argument("--eval_seeds", type=int, default=3, help="downstream trainings and MAUVE quantisations per set")
@@ -99,19 +124,54 @@ def evaluation_commands(args, model, paths, runs, dataset_dir, out):
     sets, commands = {}, []
     for label in EVAL_SETS:
         folder = os.path.join(out, "synthetic", label)
-        cmd = [sys.executable, "inference_generation_dataset.py", "--model_name_or_path", model,
-               "--validation_file", paths["validation"], "--prompts_are_public",  # the public "Abstract:"
-               "--num_samples", str(args.eval_records), "--batch_size", str(args.eval_batch_size),
-               "--max_new_tokens", str(args.block_size), "--seed", str(args.seed), "--output_dir", folder]
+        cmd = [
+            sys.executable,
+            "inference_generation_dataset.py",
+            "--model_name_or_path",
+            model,
+            "--validation_file",
+            paths["validation"],
+            "--prompts_are_public",  # the public "Abstract:"
+            "--num_samples",
+            str(args.eval_records),
+            "--batch_size",
+            str(args.eval_batch_size),
+            "--max_new_tokens",
+            str(args.block_size),
+            "--seed",
+            str(args.seed),
+            "--output_dir",
+            folder,
+        ]
         if label != "base":
             cmd += ["--lora_weights_path", runs[label], "--merge_lora"]
         commands.append((f"generation: {label}", cmd))
         sets[label] = os.path.join(folder, "generations.jsonl")
-    commands.append(("evaluation", [
-        sys.executable, "-m", "scripts.evaluate_synthetic", *[f"--synthetic={k}={v}" for k, v in sets.items()],
-        "--model_name_or_path", model, "--train_file", paths["train"], "--dataset_dir", dataset_dir,
-        "--max_tokens", str(args.block_size), "--seeds", str(args.eval_seeds), "--seed", str(args.seed),
-        "--output_dir", os.path.join(out, "evaluation")]))
+    commands.append(
+        (
+            "evaluation",
+            [
+                sys.executable,
+                "-m",
+                "scripts.evaluate_synthetic",
+                *[f"--synthetic={k}={v}" for k, v in sets.items()],
+                "--model_name_or_path",
+                model,
+                "--train_file",
+                paths["train"],
+                "--dataset_dir",
+                dataset_dir,
+                "--max_tokens",
+                str(args.block_size),
+                "--seeds",
+                str(args.eval_seeds),
+                "--seed",
+                str(args.seed),
+                "--output_dir",
+                os.path.join(out, "evaluation"),
+            ],
+        )
+    )
     return commands
 
 
@@ -137,8 +197,12 @@ class Stages:
     def __init__(self):
         self.times = {}
         self.env = dict(os.environ)
-        for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                           ("WANDB_MODE", "offline"), ("PYTHONUNBUFFERED", "1")):
+        for key, value in (
+            ("HF_HUB_OFFLINE", "1"),
+            ("TOKENIZERS_PARALLELISM", "false"),
+            ("WANDB_MODE", "offline"),
+            ("PYTHONUNBUFFERED", "1"),
+        ):
             self.env.setdefault(key, value)
 
     def run(self, stage, cmd):
@@ -187,8 +251,10 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
             sys.exit(f"demo: {dataset_dir} has no '{split}' split")
         count = len(dd[split]) if count is None else count
         if len(dd[split]) < count:
-            sys.exit(f"demo: --{'train' if split == 'train' else 'val'}_records {count}: "
-                     f"the {split} split has only {len(dd[split])} records")
+            sys.exit(
+                f"demo: --{'train' if split == 'train' else 'val'}_records {count}: "
+                f"the {split} split has only {len(dd[split])} records"
+            )
         order = list(range(len(dd[split])))
         random.Random(seed).shuffle(order)
         rows = dd[split].select(order[:count])
@@ -206,16 +272,47 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
 
 
 def train_command(args, model, paths, out, private, steps):
-    cmd = [sys.executable, "train_clm.py", "--model_name_or_path", model,
-           "--train_file", paths["train"], "--validation_file", paths["validation"], "--output_dir", out,
-           "--block_size", str(args.block_size), "--per_device_train_batch_size", str(args.micro_batch_size),
-           "--gradient_accumulation_steps", str(args.batch_size // args.micro_batch_size),
-           "--per_device_eval_batch_size", "16", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r),
-           "--lora_target_modules", args.lora_target_modules, "--learning_rate", str(args.learning_rate),
-           "--max_train_steps", str(steps), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        "train_clm.py",
+        "--model_name_or_path",
+        model,
+        "--train_file",
+        paths["train"],
+        "--validation_file",
+        paths["validation"],
+        "--output_dir",
+        out,
+        "--block_size",
+        str(args.block_size),
+        "--per_device_train_batch_size",
+        str(args.micro_batch_size),
+        "--gradient_accumulation_steps",
+        str(args.batch_size // args.micro_batch_size),
+        "--per_device_eval_batch_size",
+        "16",
+        "--lora_r",
+        str(args.lora_r),
+        "--lora_alpha",
+        str(2 * args.lora_r),
+        "--lora_target_modules",
+        args.lora_target_modules,
+        "--learning_rate",
+        str(args.learning_rate),
+        "--max_train_steps",
+        str(steps),
+        "--seed",
+        str(args.seed),
+    ]
     if private:
-        cmd += ["--clip_norm", str(args.clip_norm), "--target_epsilon", f"{args.target_epsilon:g}",
-                "--delta", f"{args.delta:g}"]
+        cmd += [
+            "--clip_norm",
+            str(args.clip_norm),
+            "--target_epsilon",
+            f"{args.target_epsilon:g}",
+            "--delta",
+            f"{args.delta:g}",
+        ]
         if args.privacy_unit == "author":  # the batch arguments then count authors
             cmd += ["--privacy_unit_key", "author", "--max_records_per_unit", str(args.max_records_per_unit)]
     else:
@@ -243,12 +340,24 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.8))
     steps = [r["step"] for r in dp_log]
     # the DP run's logged loss is its private estimate (clipped, noised, covered by epsilon)
-    ax_loss.plot(steps, [r["train_loss"] for r in dp_log], "o-", color="C0", ms=3,
-                 label=f"DP LoRA, training loss (private estimate, eps {report['epsilon']:.2g})")
+    ax_loss.plot(
+        steps,
+        [r["train_loss"] for r in dp_log],
+        "o-",
+        color="C0",
+        ms=3,
+        label=f"DP LoRA, training loss (private estimate, eps {report['epsilon']:.2g})",
+    )
     if nonprivate:
         np_log, np_loss = nonprivate
-        ax_loss.plot([r["step"] for r in np_log], [r["train_loss"] for r in np_log], "s-", color="C1", ms=3,
-                     label="non-private LoRA, training batch (exact)")
+        ax_loss.plot(
+            [r["step"] for r in np_log],
+            [r["train_loss"] for r in np_log],
+            "s-",
+            color="C1",
+            ms=3,
+            label="non-private LoRA, training batch (exact)",
+        )
         ax_loss.plot([steps[-1]], [np_loss], "D", color="C1", ms=8, label="non-private LoRA, validation")
     ax_loss.plot([0], [base_loss], "*", color="k", ms=12, label="base model, validation")
     ax_loss.plot([steps[-1]], [dp_loss], "D", color="C0", ms=8, label="DP LoRA, validation")
@@ -261,8 +370,14 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
 
     sigma, q, delta = report["effective_noise_multiplier"], report["sampling_rate"], report["delta"]
     eps_steps = list(range(1, report["steps"] + 1))
-    ax_eps.plot([0] + eps_steps, [0.0] + [compute_epsilon(sigma, q, t, delta) for t in eps_steps], "o-", ms=3,
-                color="C2", label=f"epsilon spent (delta {delta:.0e})")
+    ax_eps.plot(
+        [0] + eps_steps,
+        [0.0] + [compute_epsilon(sigma, q, t, delta) for t in eps_steps],
+        "o-",
+        ms=3,
+        color="C2",
+        label=f"epsilon spent (delta {delta:.0e})",
+    )
     if report.get("target_epsilon"):
         ax_eps.axhline(report["target_epsilon"], color="C3", ls="--", label=f"target {report['target_epsilon']:g}")
     ax_eps.set_xlabel("step")
@@ -283,23 +398,29 @@ def summary_text(s):
         f"model       {s['model']} + LoRA r={s['lora_r']} on {s['lora_target_modules']} "
         f"({s['trainable_parameters']:,} trainable parameters)",
         f"data        {s['train_records']} training / {s['val_records']} validation PubMed abstracts "
-        f"(prompt \"{PROMPT}\", {s['block_size']} tokens max)",
+        f'(prompt "{PROMPT}", {s["block_size"]} tokens max)',
         f"unit        one {s['privacy_unit']}: {s['num_units']} units, {s['train_records'] / s['num_units']:.2f} "
         f"abstracts per unit on average",
-        f"privacy     epsilon {s['epsilon']:.3g} (replace-one {s['epsilon_replace_one']:.3g}) at delta {s['delta']:.0e} "
-        f"({s['sampling']} sampling, PLD accountant)",
-        f"            noise multiplier {s['noise_multiplier']:.3g} (gradient), {s['loss_noise_multiplier']:.3g} (training "
-        f"loss), {s['effective_noise_multiplier']:.3g} (effective), clip norm {s['clip_norm']:g}, "
+        f"privacy     epsilon {s['epsilon']:.3g} (replace-one {s['epsilon_replace_one']:.3g}) "
+        f"at delta {s['delta']:.0e} ({s['sampling']} sampling, PLD accountant)",
+        f"            noise multiplier {s['noise_multiplier']:.3g} (gradient), "
+        f"{s['loss_noise_multiplier']:.3g} (training loss), {s['effective_noise_multiplier']:.3g} (effective), "
+        f"clip norm {s['clip_norm']:g}, "
         f"sampling rate {s['sampling_rate']:.3g}, expected batch {s['expected_batch_size']}, {s['steps']} steps",
         f"perplexity  base model {s['perplexity_base']:.2f} -> DP LoRA {s['perplexity_dp']:.2f} "
         f"(validation, {s['val_records']} abstracts)",
     ]
     if s.get("perplexity_nonprivate") is not None:
         lines.append(f"            non-private LoRA, same data and steps: {s['perplexity_nonprivate']:.2f}")
-    lines.append("time        " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in s["time"].items())
-                 + f"; total {s['total_wall_s'] / 60:.1f} min")
+    lines.append(
+        "time        "
+        + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in s["time"].items())
+        + f"; total {s['total_wall_s'] / 60:.1f} min"
+    )
     lines.append(f"plot        {s['plot']}")
-    lines.append(f"synthetic abstracts from the DP adapter (temperature 1, top-k 50, {s['max_new_tokens']} new tokens max):")
+    lines.append(
+        f"synthetic abstracts from the DP adapter (temperature 1, top-k 50, {s['max_new_tokens']} new tokens max):"
+    )
     for i, text in enumerate(s["samples"], 1):
         lines.append(f"  [{i}] {PROMPT} {' '.join(text.split())}")
     return "\n".join(lines)
@@ -324,10 +445,12 @@ def main(argv=None):
 
     # 2. subsets
     t = time.time()
-    print(f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts",
-          flush=True)
-    paths, args.train_records, authors = write_subsets(dataset_dir, os.path.join(out, "data"), args.train_records,
-                                                       args.val_records, args.seed)
+    print(
+        f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts", flush=True
+    )
+    paths, args.train_records, authors = write_subsets(
+        dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed
+    )
     units = authors if args.privacy_unit == "author" else args.train_records
     if args.delta is None:
         args.delta = min(1e-5, 1 / (10 * units))
@@ -343,12 +466,31 @@ def main(argv=None):
         stages.run("non-private training", train_command(args, model, paths, runs["nonprivate"], False, args.steps))
 
     # 6. synthetic abstracts from the DP adapter
-    stages.run("generation", [
-        sys.executable, "inference_generation_dataset.py", "--model_name_or_path", model,
-        # the prompts are the fixed public string "Abstract:", copied into the released generations
-        "--lora_weights_path", runs["dp"], "--validation_file", paths["validation"], "--prompts_are_public",
-        "--num_samples", str(args.num_samples), "--batch_size", str(args.num_samples),
-        "--max_new_tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--output_dir", runs["samples"]])
+    stages.run(
+        "generation",
+        [
+            sys.executable,
+            "inference_generation_dataset.py",
+            "--model_name_or_path",
+            model,
+            # the prompts are the fixed public string "Abstract:", copied into the released generations
+            "--lora_weights_path",
+            runs["dp"],
+            "--validation_file",
+            paths["validation"],
+            "--prompts_are_public",
+            "--num_samples",
+            str(args.num_samples),
+            "--batch_size",
+            str(args.num_samples),
+            "--max_new_tokens",
+            str(args.max_new_tokens),
+            "--seed",
+            str(args.seed),
+            "--output_dir",
+            runs["samples"],
+        ],
+    )
 
     # 7. plot and summary
     t = time.time()
@@ -368,22 +510,43 @@ def main(argv=None):
 
     summary = {
         "model": _short(model),
-        "lora_r": args.lora_r, "lora_target_modules": args.lora_target_modules,
+        "lora_r": args.lora_r,
+        "lora_target_modules": args.lora_target_modules,
         "trainable_parameters": adapter_size(runs["dp"]),
-        "train_records": args.train_records, "val_records": args.val_records, "block_size": args.block_size,
-        "privacy_unit": args.privacy_unit, "num_units": units,
+        "train_records": args.train_records,
+        "val_records": args.val_records,
+        "block_size": args.block_size,
+        "privacy_unit": args.privacy_unit,
+        "num_units": units,
         "learning_rate": args.learning_rate,
-        **{k: report[k] for k in ("epsilon", "epsilon_replace_one", "delta", "noise_multiplier", "loss_noise_multiplier",
-                                  "effective_noise_multiplier", "clip_norm", "sampling", "sampling_rate",
-                                  "expected_batch_size", "steps", "accountant")},
-        "perplexity_base": base["eval_perplexity"], "perplexity_dp": dp["eval_perplexity"],
+        **{
+            k: report[k]
+            for k in (
+                "epsilon",
+                "epsilon_replace_one",
+                "delta",
+                "noise_multiplier",
+                "loss_noise_multiplier",
+                "effective_noise_multiplier",
+                "clip_norm",
+                "sampling",
+                "sampling_rate",
+                "expected_batch_size",
+                "steps",
+                "accountant",
+            )
+        },
+        "perplexity_base": base["eval_perplexity"],
+        "perplexity_dp": dp["eval_perplexity"],
         "perplexity_nonprivate": np_results["eval_perplexity"] if args.compare_nonprivate else None,
-        "eval_loss_base": base["eval_loss"], "eval_loss_dp": dp["eval_loss"],
+        "eval_loss_base": base["eval_loss"],
+        "eval_loss_dp": dp["eval_loss"],
         "eval_loss_nonprivate": np_results["eval_loss"] if args.compare_nonprivate else None,
         "time": {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in stages.times.items()},
         "total_wall_s": round(time.time() - start, 1),
         "plot": _short(plot_path),
-        "max_new_tokens": args.max_new_tokens, "samples": samples,
+        "max_new_tokens": args.max_new_tokens,
+        "samples": samples,
     }
     text = summary_text(summary)
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -41,10 +41,22 @@ from utils.lora_utils import add_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32)
-SHAPE_SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+SHAPE_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
+SHAPE_SMOKE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def parse_args():
@@ -57,8 +69,12 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 3 warm-up steps)")
     p.add_argument("--budget_s", type=float, default=480, help="skip sections that would start after this")
     p.add_argument("--sections", default="exactness,throughput,fsdp,end_to_end,sharded,qlora")
-    p.add_argument("--large_layers", type=int, default=None,
-                   help="decoder layers of the saved model of sections sharded and qlora (default 8)")
+    p.add_argument(
+        "--large_layers",
+        type=int,
+        default=None,
+        help="decoder layers of the saved model of sections sharded and qlora (default 8)",
+    )
     args = p.parse_args()
     if args.smoke:
         args.shape, args.device, args.block_size, args.batch_size = SHAPE_SMOKE, torch.device("cpu"), 32, 4
@@ -83,8 +99,14 @@ def sync(device):
 def random_llama(shape, layers, device, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=4096,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1, use_cache=False)
+    config = LlamaConfig(
+        **{**shape, "num_hidden_layers": layers},
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -107,7 +129,7 @@ def make_batch(n, length, vocab, device, ragged=False, seed=0):
     mask = torch.ones_like(ids)
     if ragged:  # right padding, as the collator makes it
         for i in range(n):
-            mask[i, length - i * (length // (2 * n)):] = 0
+            mask[i, length - i * (length // (2 * n)) :] = 0
     labels = ids.masked_fill(mask == 0, -100)
     ids = ids.masked_fill(mask == 0, 1)
     return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
@@ -151,8 +173,10 @@ def same_batch_exactness(model, batch, autocast_dtype):
 def check_exactness(args, notes):
     """Per-example gradients vs one-record backward passes, in bf16 and in float32."""
     out = {}
-    for label, base_dtype, autocast, tol in [("bf16", torch.bfloat16, torch.bfloat16, 3e-2),
-                                             ("fp32", torch.float32, None, 1e-4)]:
+    for label, base_dtype, autocast, tol in [
+        ("bf16", torch.bfloat16, torch.bfloat16, 3e-2),
+        ("fp32", torch.float32, None, 1e-4),
+    ]:
         model = lora(random_llama(args.shape, 2, args.device, base_dtype), random_b=True)
         batch = make_batch(4, min(args.block_size, 256), args.shape["vocab_size"], args.device, ragged=True)
         dp = DPGradient(model, 1.0, 0.0, 4)
@@ -163,7 +187,7 @@ def check_exactness(args, notes):
         dp.detach()
         reference = [[] for _ in dp.params]
         for i in range(4):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one = {k: v[i : i + 1] for k, v in batch.items()}
             model.zero_grad(set_to_none=True)
             losses_of(model, one, autocast).sum().backward()
             for slot, p in zip(reference, dp.params):
@@ -171,8 +195,10 @@ def check_exactness(args, notes):
         reference = [torch.stack(r) for r in reference]
         per_record = [relative([g[i] for g in ours], [r[i] for r in reference]) for i in range(4)]
         out[label] = max(per_record)
-        notes.append(f"exactness {label}: max over 4 records of ||g_i - g_i(one record)|| / ||g_i(one record)|| "
-                     f"= {out[label]:.3g} (tolerance {tol:g})")
+        notes.append(
+            f"exactness {label}: max over 4 records of ||g_i - g_i(one record)|| / ||g_i(one record)|| "
+            f"= {out[label]:.3g} (tolerance {tol:g})"
+        )
         del model, dp
         if out[label] >= tol:
             raise AssertionError(f"{label} per-example gradients differ from one-record backward: {out[label]:.3g}")
@@ -199,8 +225,10 @@ def time_variant(model, dp, optimizer, batch, args, autocast, label, notes):
     tokens = int(batch["attention_mask"].sum())
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
     result = {"step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak}
-    notes.append(f"throughput {label}: {tokens / seconds:,.0f} tokens/s ({seconds * 1000:.0f} ms per step of "
-                 f"{args.batch_size} x {args.block_size} tokens), peak memory {peak:.1f} GiB")
+    notes.append(
+        f"throughput {label}: {tokens / seconds:,.0f} tokens/s ({seconds * 1000:.0f} ms per step of "
+        f"{args.batch_size} x {args.block_size} tokens), peak memory {peak:.1f} GiB"
+    )
     return result
 
 
@@ -221,10 +249,12 @@ def check_throughput_and_fsdp(args, notes, results, run_fsdp):
     start = time.perf_counter()
     model = lora(random_llama(args.shape, args.layers, args.device, torch.bfloat16))
     sync(args.device)
-    notes.append(f"model: random Llama, {args.layers} layers, hidden {args.shape['hidden_size']}, "
-                 f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters in bf16, LoRA r=16 on "
-                 f"q,k,v,o ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable); "
-                 f"built in {time.perf_counter() - start:.0f} s")
+    notes.append(
+        f"model: random Llama, {args.layers} layers, hidden {args.shape['hidden_size']}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters in bf16, LoRA r=16 on "
+        f"q,k,v,o ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable); "
+        f"built in {time.perf_counter() - start:.0f} s"
+    )
     batch = make_batch(args.batch_size, args.block_size, args.shape["vocab_size"], args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -239,19 +269,23 @@ def check_throughput_and_fsdp(args, notes, results, run_fsdp):
     if not run_fsdp:
         return
     # FSDP with one process: the wrapping multi-GPU runs use, on the same model
-    small = make_batch(min(args.batch_size, 4), min(args.block_size, 128), args.shape["vocab_size"], args.device,
-                       ragged=True, seed=1)
+    small = make_batch(
+        min(args.batch_size, 4), min(args.block_size, 128), args.shape["vocab_size"], args.device, ragged=True, seed=1
+    )
     before = dp_gradient_of(model, small, autocast)
     shard_frozen_base(model, args.device)
     from torch.distributed.tensor import DTensor
+
     summary = shard_summary(model)
     summary["base_dtensors"] = sum(isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad)
     summary["lora_dtensors"] = sum(isinstance(p, DTensor) for p in params)
     after = dp_gradient_of(model, small, autocast)
     diff = relative(after, before)
-    notes.append(f"fsdp (1 process): {summary['base_dtensors']} of {summary['base_params']} base parameters are "
-                 f"FSDP DTensors, {summary['lora_dtensors']} of {summary['lora_params']} LoRA parameters; "
-                 f"DP gradient of a fixed batch, wrapped vs unwrapped: relative difference {diff:.3g}")
+    notes.append(
+        f"fsdp (1 process): {summary['base_dtensors']} of {summary['base_params']} base parameters are "
+        f"FSDP DTensors, {summary['lora_dtensors']} of {summary['lora_params']} LoRA parameters; "
+        f"DP gradient of a fixed batch, wrapped vs unwrapped: relative difference {diff:.3g}"
+    )
     fsdp = {"summary": summary, "gradient_relative_difference": diff}
     dp = DPGradient(model, 1.0, 1.0, args.batch_size, DPRandomness(insecure_seed=0))
     fsdp["DP"] = time_variant(model, dp, optimizer, batch, args, autocast, "DP with FSDP (1 process)", notes)
@@ -273,33 +307,76 @@ def check_end_to_end(args, notes):
     folder = tempfile.mkdtemp(prefix="gpu_check_")
     model = build_tiny_model(os.path.join(folder, "model"))
     data = write_data(folder)["train"]
-    common = ["--train_file", data, "--validation_file", data, "--model_name_or_path", model, "--block_size", "64",
-              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--clip_norm", "0.5",
-              "--noise_multiplier", "0.7", "--max_train_steps", "3", "--delta", "1e-3", "--insecure_dp_seed", "7",
-              "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+    common = [
+        "--train_file",
+        data,
+        "--validation_file",
+        data,
+        "--model_name_or_path",
+        model,
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--clip_norm",
+        "0.5",
+        "--noise_multiplier",
+        "0.7",
+        "--max_train_steps",
+        "3",
+        "--delta",
+        "1e-3",
+        "--insecure_dp_seed",
+        "7",
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
     fsdp_out, plain_out = os.path.join(folder, "fsdp"), os.path.join(folder, "plain")
     runs = {
-        "fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 os.path.join(ROOT, "accelerate_configs", "accelerate_config.cfg"), "--num_processes", "1",
-                 "--main_process_port", str(_free_port()), os.path.join(ROOT, "train_clm.py"), *common,
-                 "--output_dir", fsdp_out, "--fsdp", "--debug_sync_check", "1"],
+        "fsdp": [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            os.path.join(ROOT, "accelerate_configs", "accelerate_config.cfg"),
+            "--num_processes",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+            os.path.join(ROOT, "train_clm.py"),
+            *common,
+            "--output_dir",
+            fsdp_out,
+            "--fsdp",
+            "--debug_sync_check",
+            "1",
+        ],
         "plain": [sys.executable, os.path.join(ROOT, "train_clm.py"), *common, "--output_dir", plain_out],
     }
     for name, cmd in runs.items():
         start = time.perf_counter()
-        result = subprocess.run(cmd, cwd=ROOT, env=dict(env, ACCELERATE_MIXED_PRECISION="bf16"),
-                                capture_output=True, text=True, timeout=240)
+        result = subprocess.run(
+            cmd, cwd=ROOT, env=dict(env, ACCELERATE_MIXED_PRECISION="bf16"), capture_output=True, text=True, timeout=240
+        )
         if result.returncode != 0:
             raise RuntimeError(f"train_clm.py ({name}) failed:\n{result.stderr[-3000:]}")
         notes.append(f"end_to_end {name}: train_clm.py finished in {time.perf_counter() - start:.0f} s")
-    a, b = load_file(os.path.join(fsdp_out, "adapter_model.safetensors")), load_file(
-        os.path.join(plain_out, "adapter_model.safetensors"))
+    a, b = (
+        load_file(os.path.join(fsdp_out, "adapter_model.safetensors")),
+        load_file(os.path.join(plain_out, "adapter_model.safetensors")),
+    )
     keys = sorted(k for k in a if "lora_B" in k)
     diff = relative([a[k] for k in keys], [b[k] for k in keys])
     report = json.load(open(os.path.join(fsdp_out, "privacy_report.json")))
-    notes.append(f"end_to_end: adapter update (lora_B) FSDP config vs plain run, bf16: relative difference "
-                 f"{diff:.3g}; privacy_report num_processes {report['num_processes']}, epsilon {report['epsilon']:.3g}")
+    notes.append(
+        f"end_to_end: adapter update (lora_B) FSDP config vs plain run, bf16: relative difference "
+        f"{diff:.3g}; privacy_report num_processes {report['num_processes']}, epsilon {report['epsilon']:.3g}"
+    )
     if diff > 1e-2:
         raise AssertionError(f"FSDP-config adapter differs from the plain run: {diff:.3g}")
     return {"lora_B_relative_difference": diff}
@@ -325,8 +402,10 @@ def main():
     sections = args.sections.split(",")
     start, notes, results, status = time.perf_counter(), [], {}, {}
     name = torch.cuda.get_device_name(0) if args.device.type == "cuda" else "CPU (smoke rehearsal)"
-    header = (f"{time.strftime('%Y-%m-%d %H:%M')} | {name} | torch {torch.__version__} | "
-              f"batch {args.batch_size} x {args.block_size} tokens")
+    header = (
+        f"{time.strftime('%Y-%m-%d %H:%M')} | {name} | torch {torch.__version__} | "
+        f"batch {args.batch_size} x {args.block_size} tokens"
+    )
     print(header, flush=True)
 
     def section(label, fn):
@@ -379,8 +458,16 @@ def main():
 
 
 def write_notes(path, header, status, notes, results, total):
-    lines = ["# GPU notes", "", "Written by `scripts/gpu_check.sh` (do not edit by hand; rerun it on a GPU machine).",
-             "", f"Run: {header}, {total:.0f} s in all.", "", "| section | result |", "| --- | --- |"]
+    lines = [
+        "# GPU notes",
+        "",
+        "Written by `scripts/gpu_check.sh` (do not edit by hand; rerun it on a GPU machine).",
+        "",
+        f"Run: {header}, {total:.0f} s in all.",
+        "",
+        "| section | result |",
+        "| --- | --- |",
+    ]
     lines += [f"| {k} | {v} |" for k, v in status.items()]
     lines += ["", "## Figures", ""] + [f"- {line}" for line in notes]
     lines += ["", "## Raw", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]

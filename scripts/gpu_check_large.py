@@ -36,8 +36,9 @@ def saved_model(args):
 
         folder = tempfile.mkdtemp(prefix="gpu_check_large_")
         start = time.perf_counter()
-        build_random_llama(folder, shape=args.shape, layers=args.large_layers, dtype=torch.bfloat16,
-                           max_shard_size="2GB")
+        build_random_llama(
+            folder, shape=args.shape, layers=args.large_layers, dtype=torch.bfloat16, max_shard_size="2GB"
+        )
         cache["folder"], cache["seconds"] = folder, time.perf_counter() - start
     return cache["folder"]
 
@@ -48,16 +49,46 @@ def _run_worker(args, model, out, fsdp):
 
     data = write_data(os.path.dirname(out))
     reports = out + "_reports"
-    worker = ["-m", "scripts.sharded_memory", "worker", "--train_file", data["train"], "--validation_file",
-              data["validation"], "--model_name_or_path", model, *TRAIN_ARGS, "--block_size", "128",
-              "--per_device_train_batch_size", "4", "--gradient_ckpt", "--output_dir", out]
+    worker = [
+        "-m",
+        "scripts.sharded_memory",
+        "worker",
+        "--train_file",
+        data["train"],
+        "--validation_file",
+        data["validation"],
+        "--model_name_or_path",
+        model,
+        *TRAIN_ARGS,
+        "--block_size",
+        "128",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_ckpt",
+        "--output_dir",
+        out,
+    ]
     if fsdp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *worker,
-               "--fsdp"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            *worker,
+            "--fsdp",
+        ]
     else:
         cmd = [sys.executable, *worker]
-    env = dict(os.environ, SHARDED_MEMORY_REPORT=reports, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        SHARDED_MEMORY_REPORT=reports,
+        OMP_NUM_THREADS="4",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+    )
     if args.device.type == "cuda":
         env["ACCELERATE_MIXED_PRECISION"] = "bf16"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -75,19 +106,28 @@ def check_sharded(args, notes):
     shape = shape_of(AutoConfig.from_pretrained(model))
     gib = 2**30
     bf16 = args.device.type == "cuda"
-    common = dict(base_dtype="bfloat16" if bf16 else "float32", compute_bytes=2 if bf16 else 4, micro_batch=4,
-                  block_size=128, gradient_ckpt=True)
+    common = dict(
+        base_dtype="bfloat16" if bf16 else "float32",
+        compute_bytes=2 if bf16 else 4,
+        micro_batch=4,
+        block_size=128,
+        gradient_ckpt=True,
+    )
     out, work = {}, tempfile.mkdtemp(prefix="gpu_check_sharded_")
     for label, fsdp in (("sharded", True), ("whole", False)):
         rep = _run_worker(args, model, os.path.join(work, label), fsdp)
         predicted = predict(shape, 1, fsdp=fsdp, **common)["total"]
         out[label] = {**rep, "predicted_bytes": predicted}
-        line = (f"sharded, base {label} (1 process, {shape.layers} layers of hidden {shape.hidden}, "
-                f"{'bf16' if bf16 else 'fp32'}): peak host memory {rep['peak_rss_bytes'] / gib:.2f} GiB")
+        line = (
+            f"sharded, base {label} (1 process, {shape.layers} layers of hidden {shape.hidden}, "
+            f"{'bf16' if bf16 else 'fp32'}): peak host memory {rep['peak_rss_bytes'] / gib:.2f} GiB"
+        )
         if rep["peak_gpu_bytes"]:  # the model predicts device memory; on CPU the fixed costs dominate
             ratio = predicted / rep["peak_gpu_bytes"]
-            line += (f", peak GPU memory {rep['peak_gpu_bytes'] / gib:.2f} GiB, memory model {predicted / gib:.2f} "
-                     f"GiB ({ratio:.2f}x{'' if 0.8 <= ratio <= 1.2 else ', off by more than 20%'})")
+            line += (
+                f", peak GPU memory {rep['peak_gpu_bytes'] / gib:.2f} GiB, memory model {predicted / gib:.2f} "
+                f"GiB ({ratio:.2f}x{'' if 0.8 <= ratio <= 1.2 else ', off by more than 20%'})"
+            )
         notes.append(line)
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -106,8 +146,10 @@ def check_qlora(args, notes):
     start = time.perf_counter()
     dtype = "bf16" if args.device.type == "cuda" else "no"
     model = lora(load_model_4bit(saved_model(args), dtype, device=args.device), random_b=True)
-    notes.append(f"qlora: {args.large_layers} layers of hidden {args.shape['hidden_size']} loaded in 4 bits in "
-                 f"{time.perf_counter() - start:.0f} s")
+    notes.append(
+        f"qlora: {args.large_layers} layers of hidden {args.shape['hidden_size']} loaded in 4 bits in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     batch = make_batch(4, min(args.block_size, 256), args.shape["vocab_size"], args.device, ragged=True)
     out = {"exactness": {}}
     # without autocast LoRA runs in float32 on the NF4 base's bf16 output; under the bf16 config's
@@ -117,8 +159,10 @@ def check_qlora(args, notes):
     for label, autocast, tolerance in modes:
         worst = same_batch_exactness(model, batch, autocast)
         out["exactness"][label] = worst
-        notes.append(f"qlora exactness, {label}: max over 4 records of ||g_i - autograd of record i's loss|| / ||.|| "
-                     f"= {worst:.3g} (tolerance {tolerance:g})")
+        notes.append(
+            f"qlora exactness, {label}: max over 4 records of ||g_i - autograd of record i's loss|| / ||.|| "
+            f"= {worst:.3g} (tolerance {tolerance:g})"
+        )
         if worst >= tolerance:
             raise AssertionError(f"4-bit base, {label}: per-example gradients differ from autograd: {worst:.3g}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,8 +170,9 @@ def check_qlora(args, notes):
     batch = make_batch(args.batch_size, args.block_size, args.shape["vocab_size"], args.device)
     for label, clip, sigma in [("non-private", -1, -1), ("DP", 1.0, 1.0)]:
         dp = DPGradient(model, clip, sigma, args.batch_size, DPRandomness(insecure_seed=0))
-        out[label] = time_variant(model, dp, optimizer, batch, args, torch.bfloat16 if cuda else None,
-                                  f"qlora {label}", notes)
+        out[label] = time_variant(
+            model, dp, optimizer, batch, args, torch.bfloat16 if cuda else None, f"qlora {label}", notes
+        )
         dp.detach()
     out["dp_over_nonprivate_time"] = out["DP"]["step_s"] / out["non-private"]["step_s"]
     notes.append(f"qlora: DP step time / non-private step time = {out['dp_over_nonprivate_time']:.2f}")

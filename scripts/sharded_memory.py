@@ -27,12 +27,42 @@ import tempfile
 
 import torch
 
-SHAPE_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4)
-TRAIN_ARGS = ["--block_size", "64", "--clip_norm", "1.0", "--noise_multiplier", "1.0", "--max_train_steps", "2",
-              "--delta", "1e-3", "--seed", "7", "--insecure_dp_seed", "5", "--gradient_accumulation_steps", "1",
-              "--sampling", "poisson", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
-              "--lora_r", "16", "--lora_alpha", "16"]
+SHAPE_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+)
+TRAIN_ARGS = [
+    "--block_size",
+    "64",
+    "--clip_norm",
+    "1.0",
+    "--noise_multiplier",
+    "1.0",
+    "--max_train_steps",
+    "2",
+    "--delta",
+    "1e-3",
+    "--seed",
+    "7",
+    "--insecure_dp_seed",
+    "5",
+    "--gradient_accumulation_steps",
+    "1",
+    "--sampling",
+    "poisson",
+    "--learning_rate",
+    "1e-3",
+    "--lr_scheduler_type",
+    "constant",
+    "--lora_r",
+    "16",
+    "--lora_alpha",
+    "16",
+]
 LOGICAL_BATCH = 4
 FOLDERS = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}
 
@@ -48,8 +78,13 @@ def parse_args(argv=None):
     measure.add_argument("--model", required=True)
     measure.add_argument("--json", default=None)
     measure.add_argument("--work_dir", default=None, help="default: a new temporary folder")
-    measure.add_argument("--malloc_mmap_threshold", type=int, default=None, metavar="BYTES",
-                         help="glibc's MALLOC_MMAP_THRESHOLD_ for every run (default: glibc's own, dynamic)")
+    measure.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for every run (default: glibc's own, dynamic)",
+    )
     return p.parse_args(argv)
 
 
@@ -65,8 +100,13 @@ def build_random_llama(folder, shape=SHAPE_1B, layers=None, dtype=torch.float32,
     from utils.tiny_models import train_tokenizer
 
     train_tokenizer(folder, add_bos=True)
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]},
-                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, use_cache=False)
+    config = LlamaConfig(
+        **{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]},
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+        use_cache=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
@@ -137,16 +177,43 @@ def launch(model, data, out, processes, fsdp, threads, extra_env=None):
     """One run of train_clm through the worker; returns the per-rank reports."""
     reports = out + "_reports"
     per_device = LOGICAL_BATCH // max(processes, 1)
-    script = ["-m", "scripts.sharded_memory", "worker", "--train_file", data["train"], "--validation_file",
-              data["validation"], "--model_name_or_path", model, *TRAIN_ARGS,
-              "--per_device_train_batch_size", str(per_device), "--output_dir", out] + (["--fsdp"] if fsdp else [])
+    script = [
+        "-m",
+        "scripts.sharded_memory",
+        "worker",
+        "--train_file",
+        data["train"],
+        "--validation_file",
+        data["validation"],
+        "--model_name_or_path",
+        model,
+        *TRAIN_ARGS,
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--output_dir",
+        out,
+    ] + (["--fsdp"] if fsdp else [])
     if fsdp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            *script,
+        ]
     else:
         cmd = [sys.executable, *script]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(extra_env or {}))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        SHARDED_MEMORY_REPORT=reports,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        **(extra_env or {}),
+    )
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=env)
     found = sorted(os.listdir(reports))
@@ -170,11 +237,20 @@ def predictions(model, fixed_bytes):
     from utils.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(model))
-    common = dict(base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH, block_size=64, lora_r=16,
-                  gradient_ckpt=False, fixed_bytes=fixed_bytes)
-    return {"whole, 1 process": predict(shape, 1, fsdp=False, **common),
-            "sharded, 1 process": predict(shape, 1, fsdp=True, **common),
-            "sharded, 2 processes": predict(shape, 2, fsdp=True, **{**common, "micro_batch": LOGICAL_BATCH // 2})}
+    common = dict(
+        base_dtype="float32",
+        compute_bytes=4,
+        micro_batch=LOGICAL_BATCH,
+        block_size=64,
+        lora_r=16,
+        gradient_ckpt=False,
+        fixed_bytes=fixed_bytes,
+    )
+    return {
+        "whole, 1 process": predict(shape, 1, fsdp=False, **common),
+        "sharded, 1 process": predict(shape, 1, fsdp=True, **common),
+        "sharded, 2 processes": predict(shape, 2, fsdp=True, **{**common, "micro_batch": LOGICAL_BATCH // 2}),
+    }
 
 
 def measure(args):
@@ -185,27 +261,37 @@ def measure(args):
     env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
     tiny = build_tiny_model(os.path.join(work, "tiny"))
     baseline = launch(tiny, data, os.path.join(work, "fixed"), 1, False, 2, env)[0]["peak_rss_bytes"]
-    runs = {"whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, 2, env),
-            "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, 2, env),
-            "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, 1, env)}
+    runs = {
+        "whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, 2, env),
+        "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, 2, env),
+        "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, 1, env),
+    }
     fixed = baseline - predict_tiny_model(tiny)
     predicted = predictions(args.model, fixed)
     whole = max(r["peak_rss_bytes"] for r in runs["whole, 1 process"])
-    result = {"model": args.model, "fixed_bytes": fixed, "malloc_mmap_threshold": args.malloc_mmap_threshold,
-              "runs": {}}
+    result = {
+        "model": args.model,
+        "fixed_bytes": fixed,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "runs": {},
+    }
     for label, reports in runs.items():
         peak = max(r["peak_rss_bytes"] for r in reports)
         folder = FOLDERS[label]
         result["runs"][label] = {
             "peak_rss_gib_per_process": [round(r["peak_rss_bytes"] / 2**30, 3) for r in reports],
-            "peak_rss_gib_through_loading": [round(r["peak_rss_after_loading_bytes"] / 2**30, 3) for r in reports
-                                             if "peak_rss_after_loading_bytes" in r],
+            "peak_rss_gib_through_loading": [
+                round(r["peak_rss_after_loading_bytes"] / 2**30, 3)
+                for r in reports
+                if "peak_rss_after_loading_bytes" in r
+            ],
             "bytes_read_per_process": [r.get("bytes_read") for r in reports],
             "over_whole_run": round(peak / whole, 3),
             "predicted_gib": round(predicted[label]["total"] / 2**30, 3),
             "predicted_over_measured": round(predicted[label]["total"] / peak, 3),
-            "adapter_relative_difference_vs_whole": adapter_difference(os.path.join(work, folder),
-                                                                       os.path.join(work, "whole")),
+            "adapter_relative_difference_vs_whole": adapter_difference(
+                os.path.join(work, folder), os.path.join(work, "whole")
+            ),
         }
     print(json.dumps(result, indent=2))
     if args.json:
@@ -221,8 +307,17 @@ def predict_tiny_model(folder):
     from utils.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(folder))
-    return predict(shape, 1, fsdp=False, base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH,
-                   block_size=64, lora_r=16, gradient_ckpt=False)["total"]
+    return predict(
+        shape,
+        1,
+        fsdp=False,
+        base_dtype="float32",
+        compute_bytes=4,
+        micro_batch=LOGICAL_BATCH,
+        block_size=64,
+        lora_r=16,
+        gradient_ckpt=False,
+    )["total"]
 
 
 def main(argv=None):

@@ -69,8 +69,12 @@ if __name__ == "__main__":
     model_setup.load_local_shards = _load_spy
     train_clm.main(sys.argv[1:])
     rank = dist.get_rank()
-    report = {"rank": rank, "world_size": dist.get_world_size(), "sharded": "model" in captured,
-              "peak_rss_bytes": peak_rss_bytes()}
+    report = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "sharded": "model" in captured,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
     if "model" in captured:
         for key in ("after_wrap", "base_meta_at_wrap", "lora_init_checksum", "loaded"):
             report[key] = captured.get(key)

@@ -3,6 +3,7 @@
 prv_accountant (Gopi et al.) and Opacus' RDP and PRV accountants are separate implementations
 of the same Poisson-subsampled Gaussian; for q = 1 there is an exact closed form to compare with.
 """
+
 import json
 import math
 import warnings
@@ -11,8 +12,14 @@ import pytest
 from scipy import optimize, stats
 
 from utils import accounting
-from utils.accounting import (ACCOUNTANT_NAME, PrivacyAccountant, check_delta, compute_epsilon,
-                              compute_epsilon_rdp, noise_multiplier_for_epsilon)
+from utils.accounting import (
+    ACCOUNTANT_NAME,
+    PrivacyAccountant,
+    check_delta,
+    compute_epsilon,
+    compute_epsilon_rdp,
+    noise_multiplier_for_epsilon,
+)
 
 SEED_Q = 2048 / 75316  # the seed README's run: N = 75,316 records, expected batch 2048, 5 epochs
 GRID = [  # (q, sigma, steps, delta)
@@ -30,13 +37,19 @@ PRV_ERROR = 0.01  # the eps_error we ask of the independent PRV accountants
 def prv_bounds(q, sigma, steps, delta):
     """(lower, estimate, upper) from prv_accountant 0.2.0, which guarantees lower <= eps <= upper."""
     from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
-    accountant = PRVAccountant([PoissonSubsampledGaussianMechanism(q, sigma)], eps_error=PRV_ERROR,
-                               delta_error=delta / 1000, max_self_compositions=[steps])
+
+    accountant = PRVAccountant(
+        [PoissonSubsampledGaussianMechanism(q, sigma)],
+        eps_error=PRV_ERROR,
+        delta_error=delta / 1000,
+        max_self_compositions=[steps],
+    )
     return accountant.compute_epsilon(delta, [steps])
 
 
 def opacus_epsilon(kind, q, sigma, steps, delta):
     from opacus.accountants import PRVAccountant, RDPAccountant
+
     accountant = RDPAccountant() if kind == "rdp" else PRVAccountant()
     accountant.history = [(sigma, q, steps)]
     if kind == "rdp":
@@ -76,6 +89,7 @@ def test_reference_figures():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from prv_accountant import Accountant
+
         _, _, seed_upper = Accountant(1.2, SEED_Q, 1e-7, eps_error=0.1, max_compositions=184).compute_epsilon(184)
     assert seed_upper == pytest.approx(2.358, abs=2e-3) and seed < seed_upper
 
@@ -137,8 +151,10 @@ def test_noise_multiplier_without_subsampling():
     assert sigma == pytest.approx(3.73, abs=0.01)  # analytic Gaussian mechanism, eps 1, delta 1e-5
 
 
-@pytest.mark.parametrize("target, q, steps", [(0.0, 0.01, 100), (-1.0, 0.01, 100), (math.nan, 0.01, 100),
-                                              (0.01, 0.5, 10_000), (1e5, 0.01, 100), (1.0, 0.01, 0)])
+@pytest.mark.parametrize(
+    "target, q, steps",
+    [(0.0, 0.01, 100), (-1.0, 0.01, 100), (math.nan, 0.01, 100), (0.01, 0.5, 10_000), (1e5, 0.01, 100), (1.0, 0.01, 0)],
+)
 def test_noise_multiplier_for_epsilon_refuses_infeasible_targets(target, q, steps):
     with pytest.raises(ValueError, match="--target_epsilon"):
         noise_multiplier_for_epsilon(target, q, steps, 1e-5)

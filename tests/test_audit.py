@@ -13,8 +13,8 @@ import torch
 from scripts import audit_privacy as audit
 from scripts import audit_release
 
-
 # ---- the bound itself ----
+
 
 @pytest.mark.parametrize("r", [16, 64, 200])
 def test_all_guesses_correct_matches_the_closed_form(r):
@@ -53,6 +53,7 @@ def test_guessing_takes_top_and_bottom_scores():
 
 # ---- audits of real runs of train_clm.py ----
 
+
 def run_audit(tmp_path, capsys, *extra):
     out = tmp_path / "audit"
     threads = torch.get_num_threads()
@@ -85,6 +86,7 @@ def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
 
 # ---- the release beside the adapter: logged training losses ----
 
+
 def test_release_audit_bound_from_rates():
     assert audit_release.epsilon_from_rates(5, 5, 10, 1e-5, 0.95) == 0.0
     p = 0.025 ** (1 / 100)  # one-sided Clopper-Pearson bounds at 97.5% each for 100 of 100 and 0 of 100
@@ -99,8 +101,20 @@ def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, caps
     gives the canary away when losses are exact, and is at chance level when they are private."""
     threads = torch.get_num_threads()
     try:
-        result = audit.main(["--output_dir", str(tmp_path / "audit"), "--attack", "release", "--num_runs", "12",
-                             "--calibration_runs", "8", "--train_loss", train_loss])
+        result = audit.main(
+            [
+                "--output_dir",
+                str(tmp_path / "audit"),
+                "--attack",
+                "release",
+                "--num_runs",
+                "12",
+                "--calibration_runs",
+                "8",
+                "--train_loss",
+                train_loss,
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert "empirical epsilon lower bound:" in capsys.readouterr().out
@@ -123,8 +137,21 @@ def test_unit_level_audit_with_canaries_of_three_records(tmp_path, capsys, mode)
     extra = [mode] if mode != "dp" else ["--target_epsilon", "4"]
     threads = torch.get_num_threads()
     try:
-        result = audit.main(["--output_dir", str(tmp_path / "audit"), "--insecure_dp_seed", "1", "--unit_records", "3",
-                             "--num_canaries", "64", "--num_guesses", "40", *extra])
+        result = audit.main(
+            [
+                "--output_dir",
+                str(tmp_path / "audit"),
+                "--insecure_dp_seed",
+                "1",
+                "--unit_records",
+                "3",
+                "--num_canaries",
+                "64",
+                "--num_guesses",
+                "40",
+                *extra,
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert "of 3 records each" in capsys.readouterr().out

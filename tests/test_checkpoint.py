@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, write_records
+from safetensors.torch import load_file
 
 import train_clm
 
@@ -20,10 +19,33 @@ STEPS = 24
 
 
 def args_for(model, data, out, *extra):
-    return ["--train_file", data, "--model_name_or_path", model, "--output_dir", str(out), "--block_size", "48",
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--clip_norm", "0.5",
-            "--noise_multiplier", "0.8", "--delta", "1e-3", "--max_train_steps", str(STEPS),
-            "--insecure_dp_seed", "4", "--checkpointing_steps", "3", *extra]
+    return [
+        "--train_file",
+        data,
+        "--model_name_or_path",
+        model,
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "48",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--clip_norm",
+        "0.5",
+        "--noise_multiplier",
+        "0.8",
+        "--delta",
+        "1e-3",
+        "--max_train_steps",
+        str(STEPS),
+        "--insecure_dp_seed",
+        "4",
+        "--checkpointing_steps",
+        "3",
+        *extra,
+    ]
 
 
 def outputs(folder):
@@ -37,9 +59,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, text_records
     whole_adapter, whole_report = outputs(tmp_path / "whole")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_clm.py"), *args_for(tiny_llama, data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train_clm.py"), *args_for(tiny_llama, data, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     first = out / "checkpoints" / "step_3"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -65,6 +90,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, text_records
 
 def reset_accelerate():
     from accelerate.state import AcceleratorState, PartialState
+
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
 
@@ -90,9 +116,16 @@ def test_a_finished_run_is_final(tiny_llama, text_records, tmp_path):
     for resume in ["latest", str(out / "checkpoints" / "step_21")]:
         for output_dir in [out, tmp_path / "elsewhere"] if resume != "latest" else [out]:
             reset_accelerate()
-            result = subprocess.run([sys.executable, os.path.join(ROOT, "train_clm.py"),
-                                     *args_for(tiny_llama, data, output_dir, "--resume_from_checkpoint", resume)],
-                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "train_clm.py"),
+                    *args_for(tiny_llama, data, output_dir, "--resume_from_checkpoint", resume),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             assert result.returncode == 2, result.stderr
             assert "finished run" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     after = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}

@@ -5,8 +5,14 @@ import os
 
 import pytest
 
-from utils.checkpoint_utils import (TrainingState, latest_checkpoint, refuse_finished_run, resolve_checkpoint,
-                                    resolve_resume, run_folder)
+from utils.checkpoint_utils import (
+    TrainingState,
+    latest_checkpoint,
+    refuse_finished_run,
+    resolve_checkpoint,
+    resolve_resume,
+    run_folder,
+)
 from utils.cli import UserInputError
 from utils.io_utils import replace_folder, write_json
 

@@ -7,29 +7,66 @@ import sys
 
 import datasets
 import pytest
-
 from conftest import ROOT, local_sentences
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path):
     sentences = local_sentences(80)
-    dd = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({"text": texts, "pmid": [str(i) for i in range(len(texts))],
-                                           "pub_date": ["2020-01-01"] * len(texts),
-                                           "author": [f"Author{i % 20} A" for i in range(len(texts))]})
-        for split, texts in (("train", sentences[:64]), ("validation", sentences[64:72]))
-    })
+    dd = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {
+                    "text": texts,
+                    "pmid": [str(i) for i in range(len(texts))],
+                    "pub_date": ["2020-01-01"] * len(texts),
+                    "author": [f"Author{i % 20} A" for i in range(len(texts))],
+                }
+            )
+            for split, texts in (("train", sentences[:64]), ("validation", sentences[64:72]))
+        }
+    )
     dd.save_to_disk(str(tmp_path / "pubmed"))
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.demo", "--model_name_or_path", tiny_llama,
-         "--dataset_dir", str(tmp_path / "pubmed"), "--output_dir", str(out),
-         "--val_records", "8", "--steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--block_size", "32",
-         "--num_samples", "2", "--max_new_tokens", "8"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "scripts.demo",
+            "--model_name_or_path",
+            tiny_llama,
+            "--dataset_dir",
+            str(tmp_path / "pubmed"),
+            "--output_dir",
+            str(out),
+            "--val_records",
+            "8",
+            "--steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--micro_batch_size",
+            "4",
+            "--block_size",
+            "32",
+            "--num_samples",
+            "2",
+            "--max_new_tokens",
+            "8",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # each stage's real command is shown before it runs
@@ -58,18 +95,54 @@ def test_demo_trains_at_author_level(tiny_llama, tmp_path):
     """--privacy_unit author: the first author (20 of them for 64 abstracts) is what epsilon protects."""
     sentences = local_sentences(72)
     texts = {"train": sentences[:64], "validation": sentences[64:72]}
-    datasets.DatasetDict({split: datasets.Dataset.from_dict({
-        "text": t, "pmid": [str(i) for i in range(len(t))], "pub_date": ["2020-01-01"] * len(t),
-        "author": [f"Author{i % 20} A" for i in range(len(t))]}) for split, t in texts.items()
-    }).save_to_disk(str(tmp_path / "pubmed"))
+    datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {
+                    "text": t,
+                    "pmid": [str(i) for i in range(len(t))],
+                    "pub_date": ["2020-01-01"] * len(t),
+                    "author": [f"Author{i % 20} A" for i in range(len(t))],
+                }
+            )
+            for split, t in texts.items()
+        }
+    ).save_to_disk(str(tmp_path / "pubmed"))
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.demo", "--model_name_or_path", tiny_llama, "--dataset_dir",
-         str(tmp_path / "pubmed"), "--output_dir", str(out), "--privacy_unit", "author", "--val_records", "8",
-         "--steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--block_size", "32", "--num_samples", "1",
-         "--max_new_tokens", "4"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
-        text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "scripts.demo",
+            "--model_name_or_path",
+            tiny_llama,
+            "--dataset_dir",
+            str(tmp_path / "pubmed"),
+            "--output_dir",
+            str(out),
+            "--privacy_unit",
+            "author",
+            "--val_records",
+            "8",
+            "--steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--micro_batch_size",
+            "4",
+            "--block_size",
+            "32",
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "4",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--privacy_unit_key author" in result.stdout
     summary = json.loads((out / "summary.json").read_text())

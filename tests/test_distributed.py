@@ -9,21 +9,46 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, write_records
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_records
-
 # the same logical batch B = 8: one process 4 x 2 micro-batches, two processes 2 x 2 each
-COMMON = ["--block_size", "64", "--clip_norm", "0.5", "--noise_multiplier", "0.7", "--max_train_steps", "3",
-          "--delta", "1e-3", "--seed", "3", "--insecure_dp_seed", "11", "--gradient_accumulation_steps", "2",
-          "--sampling", "poisson", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+COMMON = [
+    "--block_size",
+    "64",
+    "--clip_norm",
+    "0.5",
+    "--noise_multiplier",
+    "0.7",
+    "--max_train_steps",
+    "3",
+    "--delta",
+    "1e-3",
+    "--seed",
+    "3",
+    "--insecure_dp_seed",
+    "11",
+    "--gradient_accumulation_steps",
+    "2",
+    "--sampling",
+    "poisson",
+    "--learning_rate",
+    "1e-2",
+    "--lr_scheduler_type",
+    "constant",
+]
 TIMEOUT = 300
 TOLERANCE = 1e-5
 
 
 def _env(threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+    )
     env.pop("ACCELERATE_USE_CPU", None)  # the configs alone must give two gloo processes
     return env
 
@@ -59,8 +84,10 @@ def run_setup(tiny_llama, text_records, tmp_path_factory):
     val = write_records(folder / "val.jsonl", text_records[40:52], jsonl=True)
     data = ["--train_file", train, "--validation_file", val, "--model_name_or_path", tiny_llama]
     one = str(folder / "one")
-    _run([sys.executable, "train_clm.py", *data, *COMMON, "--per_device_train_batch_size", "4",
-          "--output_dir", one], _env(2))
+    _run(
+        [sys.executable, "train_clm.py", *data, *COMMON, "--per_device_train_batch_size", "4", "--output_dir", one],
+        _env(2),
+    )
     assert report(one)["num_processes"] == 1
     return {"folder": folder, "data": data, "one": one}
 
@@ -82,9 +109,22 @@ def assert_same_as_one_process(out, one):
 
 def test_accelerate_launch_two_cpu_processes_equal_one_process(run_setup):
     out = str(run_setup["folder"] / "two")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join("accelerate_configs", "cpu_2proc.cfg"), "train_clm.py", *run_setup["data"], *COMMON,
-           "--per_device_train_batch_size", "2", "--output_dir", out, "--debug_sync_check", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join("accelerate_configs", "cpu_2proc.cfg"),
+        "train_clm.py",
+        *run_setup["data"],
+        *COMMON,
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        out,
+        "--debug_sync_check",
+        "1",
+    ]
     _run(cmd, _env(1))
     assert_same_as_one_process(out, run_setup["one"])
 
@@ -103,8 +143,10 @@ def _check_fsdp_reports(folder):
             assert ex["local_shape"][0] * 2 == ex["full_shape"][0] and ex["local_shape"][1:] == ex["full_shape"][1:]
             # LoRA parameters are plain, whole, replicated tensors
             assert s["lora_params"] > 0 and s["lora_sharded"] == 0, s
-        print(f"rank {rep['rank']}: base {rep['after_wrap']['base_local_numel']} of "
-              f"{rep['after_wrap']['base_full_numel']} elements held; {rep['after_wrap']['example']}")
+        print(
+            f"rank {rep['rank']}: base {rep['after_wrap']['base_local_numel']} of "
+            f"{rep['after_wrap']['base_full_numel']} elements held; {rep['after_wrap']['example']}"
+        )
         assert rep["drift_detected"], "a one-ulp difference between replicas went unnoticed"
     assert reports[0]["after_wrap"]["lora_numel"] == reports[1]["after_wrap"]["lora_numel"]
 
@@ -113,10 +155,27 @@ def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
     """torch FSDP2 on CPU with gloo, with activation checkpointing (a 7B run uses both) and a
     resumable checkpoint saved mid-run."""
     out, reports = str(run_setup["folder"] / "fsdp"), str(run_setup["folder"] / "fsdp_reports")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join("tests", "fsdp_worker.py"), *run_setup["data"], *COMMON,
-           "--per_device_train_batch_size", "2", "--output_dir", out, "--fsdp", "--gradient_ckpt",
-           "--debug_sync_check", "1", "--checkpointing_steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join("tests", "fsdp_worker.py"),
+        *run_setup["data"],
+        *COMMON,
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        out,
+        "--fsdp",
+        "--gradient_ckpt",
+        "--debug_sync_check",
+        "1",
+        "--checkpointing_steps",
+        "2",
+    ]
     _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
     _check_fsdp_reports(reports)
     assert_same_as_one_process(out, run_setup["one"])
@@ -126,11 +185,28 @@ def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
 def test_fsdp_accelerate_config_on_cpu_shards_and_equals_unsharded(run_setup):
     """The README's FSDP config itself, on two CPU processes (fp32 here; bf16 is for GPUs)."""
     out, reports = str(run_setup["folder"] / "fsdp_cfg"), str(run_setup["folder"] / "fsdp_cfg_reports")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join("accelerate_configs", "accelerate_config.cfg"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", "0",
-           os.path.join("tests", "fsdp_worker.py"), *run_setup["data"], *COMMON,
-           "--per_device_train_batch_size", "2", "--output_dir", out, "--debug_sync_check", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join("accelerate_configs", "accelerate_config.cfg"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "0",
+        os.path.join("tests", "fsdp_worker.py"),
+        *run_setup["data"],
+        *COMMON,
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        out,
+        "--debug_sync_check",
+        "1",
+    ]
     _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
     _check_fsdp_reports(reports)
     assert_same_as_one_process(out, run_setup["one"])
@@ -187,10 +263,22 @@ def test_data_parallel_gpu_config_starts_gloo_processes_on_cpu(tmp_path):
         "import json, sys, torch\nfrom accelerate import Accelerator\n"
         "a = Accelerator(cpu=not torch.accelerator.is_available())\n"
         "import torch.distributed as dist\n"
-        "print(json.dumps([a.process_index, a.num_processes, dist.get_backend()]), flush=True)\n")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", "0", str(probe)]
+        "print(json.dumps([a.process_index, a.num_processes, dist.get_backend()]), flush=True)\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "0",
+        str(probe),
+    ]
     out = _run(cmd, _env(1), timeout=120).stdout
     seen = sorted(json.loads(line) for line in out.splitlines() if line.startswith("["))
     assert seen == [[0, 2, "gloo"], [1, 2, "gloo"]], out

@@ -11,8 +11,12 @@ from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
 from utils.lora_utils import add_lora, randomise_lora_b
 
-RECORDS = [("Q:", "a short answer"), ("", "a much longer answer with quite a few more tokens in it than the first"),
-           ("Question: what now?", "three words here"), ("", "x")]
+RECORDS = [
+    ("Q:", "a short answer"),
+    ("", "a much longer answer with quite a few more tokens in it than the first"),
+    ("Question: what now?", "three words here"),
+    ("", "x"),
+]
 
 
 def lora_model(path, dtype=torch.float64, gradient_ckpt=False):
@@ -183,8 +187,9 @@ def test_a_non_finite_record_contributes_zero_and_is_counted(tiny_llama):
         dp = DPGradient(model, 0.05, 0.0, 8, loss_clip=5.0, loss_noise_multiplier=0.0)
         losses = loss_of(model, collate(indices))
         if poison is not None:
-            losses = losses * torch.tensor([math.nan if i == poison else 1.0 for i in range(len(indices))],
-                                           dtype=losses.dtype)
+            losses = losses * torch.tensor(
+                [math.nan if i == poison else 1.0 for i in range(len(indices))], dtype=losses.dtype
+            )
         losses.sum().backward()
         dp.accumulate_micro_batch(losses, torch.ones(len(indices)))
         stats = dp.finish_step(0)
@@ -215,13 +220,17 @@ def test_released_loss_is_the_clipped_sum_plus_one_noise_draw_over_b(tiny_llama)
     dp.detach()
     # the noise: N(0, (sigma_loss L)^2) on the sum, once per step, reproducible only with the testing seed
     sigma_loss, steps = 2.5, 3000
-    dp = DPGradient(model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss)
+    dp = DPGradient(
+        model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss
+    )
     draws = torch.tensor([dp.finish_step(t).released_loss for t in range(steps)], dtype=torch.float64)
     expected = sigma_loss * bound / 16
     assert abs(draws.std().item() / expected - 1) < 5 / math.sqrt(2 * steps)
     assert abs(draws.mean().item()) < 5 * expected / math.sqrt(steps)
     dp.detach()
-    again = DPGradient(model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss)
+    again = DPGradient(
+        model, 1.0, 1.0, 16, DPRandomness(insecure_seed=3), loss_clip=bound, loss_noise_multiplier=sigma_loss
+    )
     assert again.finish_step(7).released_loss == draws[7].item()
     again.detach()
 

@@ -8,18 +8,24 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from conftest import write_records
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-from conftest import write_records
 from test_dp_utils import RECORDS, batch_of, brute_force_grads, loss_of
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train_clm
 from utils.data_utils import UserInputError
 from utils.dp_utils import DPGradient
-from utils.lora_utils import add_lora, default_target_modules, lora_summary, parse_target_modules, randomise_lora_b, save_adapter
+from utils.lora_utils import (
+    add_lora,
+    default_target_modules,
+    lora_summary,
+    parse_target_modules,
+    randomise_lora_b,
+    save_adapter,
+)
 from utils.model_utils import disable_base_dropout, run_cli
 
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -65,9 +71,19 @@ def tokenizer(tiny_llama):
 
 def tiny_config(family, vocab, **extra):
     return AutoConfig.for_model(
-        family, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, **{**FAMILIES.get(family, ({}, None))[0], **extra})
+        family,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **{**FAMILIES.get(family, ({}, None))[0], **extra},
+    )
 
 
 def tiny_base(family, vocab, dtype=torch.float64, **extra):
@@ -113,7 +129,9 @@ def test_family_defaults_dp_step_and_peft_loading(family, tokenizer, tiny_llama,
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         save_adapter(model, str(tmp_path))
-        again = PeftModel.from_pretrained(pristine, str(tmp_path))(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        again = PeftModel.from_pretrained(pristine, str(tmp_path))(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     assert torch.equal(logits, again)
 
 
@@ -139,13 +157,16 @@ def test_tied_lm_head_adapter_carries_only_what_was_trained(tokenizer, tiny_llam
     assert torch.equal(loaded.get_input_embeddings().weight, pristine.get_input_embeddings().weight)
 
 
-@pytest.mark.parametrize("targets, expected", [
-    ("gate_proj,up_proj,down_proj", ["model.layers.0.mlp.shared_expert.gate_proj", "[15, 32]", "per token"]),
-    ("shared_expert_gate", ["model.layers.0.mlp.shared_expert_gate", "per token"]),
-    ("all-linear", ["mlp.shared_expert", "per token"]),
-    ("gate", ["PEFT cannot adapt", "Qwen2MoeTopKRouter"]),  # the router: not a linear layer
-    ("experts", ["PEFT cannot adapt", "Qwen2MoeExperts"]),
-])
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        ("gate_proj,up_proj,down_proj", ["model.layers.0.mlp.shared_expert.gate_proj", "[15, 32]", "per token"]),
+        ("shared_expert_gate", ["model.layers.0.mlp.shared_expert_gate", "per token"]),
+        ("all-linear", ["mlp.shared_expert", "per token"]),
+        ("gate", ["PEFT cannot adapt", "Qwen2MoeTopKRouter"]),  # the router: not a linear layer
+        ("experts", ["PEFT cannot adapt", "Qwen2MoeExperts"]),
+    ],
+)
 def test_moe_layers_on_flattened_tokens_are_refused(targets, expected, tokenizer):
     """The shared expert, its gate and the router run on [records x tokens, hidden]: per-example
     gradients there would be per token. Refused before any private data is read."""
@@ -176,8 +197,9 @@ def test_guard_at_run_time_and_records_mixed_before_a_layer(tokenizer):
 
 
 def test_embeddings_as_targets_are_refused_under_dp(tokenizer):
-    model = add_lora(tiny_base("llama", len(tokenizer), torch.float32), r=4, alpha=8,
-                     target_modules=["embed_tokens", "q_proj"])
+    model = add_lora(
+        tiny_base("llama", len(tokenizer), torch.float32), r=4, alpha=8, target_modules=["embed_tokens", "q_proj"]
+    )
     with pytest.raises(UserInputError, match=r"model\.embed_tokens \(Embedding\).*linear layers only"):
         DPGradient(model, 1.0, 0.0, 4)
 
@@ -210,11 +232,30 @@ def test_base_dropout_is_switched_off(family, tokenizer):
 
 # ---- through the command line: one line, exit status 2 ----
 
+
 def _train_cli(capsys, tmp_path, text_records, model_path, *extra):
     data = write_records(tmp_path / "train.json", text_records[:20])
-    argv = ["--model_name_or_path", model_path, "--train_file", data, "--output_dir", str(tmp_path / "out"),
-            "--block_size", "32", "--per_device_train_batch_size", "2", "--max_train_steps", "1",
-            "--clip_norm", "1", "--noise_multiplier", "1", "--delta", "1e-3", *extra]
+    argv = [
+        "--model_name_or_path",
+        model_path,
+        "--train_file",
+        data,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_train_steps",
+        "1",
+        "--clip_norm",
+        "1",
+        "--noise_multiplier",
+        "1",
+        "--delta",
+        "1e-3",
+        *extra,
+    ]
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda: train_clm.main(argv))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

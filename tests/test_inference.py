@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
+from conftest import ROOT, write_records
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -23,14 +24,19 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import inference_generation_dataset
 import inference_generation_instruction
 import train_clm
-from conftest import ROOT, write_records
 from utils.data_utils import UserInputError, encode_prompt, load_records_file
 from utils.generation_utils import load_generation_model
 from utils.lora_utils import add_lora, save_adapter
 
 COUNTS = {"Describe a list.": 3, "What is a tuple?": 2}
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-       "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def reset_accelerate():
@@ -51,9 +57,19 @@ def write_instructions(path, lines):
 def instruct(model, out, instruction_file, *extra):
     """One in-process run of the instruction script; returns its records."""
     reset_accelerate()
-    path = inference_generation_instruction.main([
-        "--model_name_or_path", model, "--instruction_file", instruction_file, "--output_dir", str(out),
-        "--max_new_tokens", "8", *extra])
+    path = inference_generation_instruction.main(
+        [
+            "--model_name_or_path",
+            model,
+            "--instruction_file",
+            instruction_file,
+            "--output_dir",
+            str(out),
+            "--max_new_tokens",
+            "8",
+            *extra,
+        ]
+    )
     reset_accelerate()
     return read_jsonl(path)
 
@@ -80,18 +96,46 @@ def trained(tiny_llama, text_records, tmp_path_factory):
     data = write_records(root / "train.json", text_records[:64])
     out = root / "adapter"
     reset_accelerate()
-    train_clm.main(["--train_file", data, "--model_name_or_path", tiny_llama, "--output_dir", str(out),
-                    "--block_size", "64", "--per_device_train_batch_size", "8", "--max_train_steps", "3",
-                    "--learning_rate", "0.05", "--clip_norm", "1.0", "--noise_multiplier", "0.5",
-                    "--delta", "1e-3", "--lora_r", "4", "--lora_alpha", "8", "--seed", "5"])
+    train_clm.main(
+        [
+            "--train_file",
+            data,
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(out),
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_train_steps",
+            "3",
+            "--learning_rate",
+            "0.05",
+            "--clip_norm",
+            "1.0",
+            "--noise_multiplier",
+            "0.5",
+            "--delta",
+            "1e-3",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--seed",
+            "5",
+        ]
+    )
     reset_accelerate()
     return str(out)
 
 
 @pytest.fixture(scope="module")
 def instruction_file(tmp_path_factory):
-    return write_instructions(tmp_path_factory.mktemp("instructions") / "instructions.txt",
-                              ["Describe a list. #### 3", "", "What is a tuple? #### 2"])
+    return write_instructions(
+        tmp_path_factory.mktemp("instructions") / "instructions.txt",
+        ["Describe a list. #### 3", "", "What is a tuple? #### 2"],
+    )
 
 
 def adapter_path(trained, kind):
@@ -123,9 +167,18 @@ def test_trained_adapter_loads_in_peft_with_every_tensor_matched(trained, tiny_l
     assert not [k for k in result.missing_keys if "lora_" in k and ".again." in k]
     for kind in ("folder", "bin"):
         reset_accelerate()
-        args = inference_generation_instruction.parse_args([
-            "--model_name_or_path", tiny_llama, "--lora_weights_path", adapter_path(trained, kind),
-            "--instruction_file", "unused", "--output_dir", "unused"])
+        args = inference_generation_instruction.parse_args(
+            [
+                "--model_name_or_path",
+                tiny_llama,
+                "--lora_weights_path",
+                adapter_path(trained, kind),
+                "--instruction_file",
+                "unused",
+                "--output_dir",
+                "unused",
+            ]
+        )
         model, _ = load_generation_model(args, Accelerator(cpu=True))
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
@@ -133,13 +186,15 @@ def test_trained_adapter_loads_in_peft_with_every_tensor_matched(trained, tiny_l
 
 def encode_prompt_ids(model_dir):
     from utils.model_utils import load_tokenizer
+
     return encode_prompt(load_tokenizer(model_dir), "What is a tuple? A tuple is an immutable sequence")
 
 
 @pytest.mark.parametrize("kind", ["folder", "bin"])
 def test_instruction_counts_one_process(trained, tiny_llama, instruction_file, tmp_path, kind):
-    records = instruct(tiny_llama, tmp_path, instruction_file, "--lora_weights_path", adapter_path(trained, kind),
-                       "--batch_size", "2")
+    records = instruct(
+        tiny_llama, tmp_path, instruction_file, "--lora_weights_path", adapter_path(trained, kind), "--batch_size", "2"
+    )
     assert [r["instruction"] for r in records] == ["Describe a list."] * 3 + ["What is a tuple?"] * 2
     assert all(isinstance(r["answer"], str) and set(r) == {"instruction", "answer"} for r in records)
     assert json.loads((tmp_path / "generation_info.json").read_text())["num_processes"] == 1
@@ -149,11 +204,34 @@ def test_instruction_counts_one_process(trained, tiny_llama, instruction_file, t
 @pytest.mark.parametrize("kind", ["folder", "bin"])
 def test_instruction_counts_two_processes(trained, tiny_llama, instruction_file, tmp_path, kind):
     out = tmp_path / "two"
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "inference_generation_instruction.py", "--model_name_or_path", tiny_llama,
-           "--lora_weights_path", adapter_path(trained, kind), "--instruction_file", instruction_file,
-           "--output_dir", str(out), "--max_new_tokens", "8", "--batch_size", "2"]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "inference_generation_instruction.py",
+        "--model_name_or_path",
+        tiny_llama,
+        "--lora_weights_path",
+        adapter_path(trained, kind),
+        "--instruction_file",
+        instruction_file,
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "8",
+        "--batch_size",
+        "2",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "generation_info.json").read_text())["num_processes"] == 2
@@ -161,14 +239,26 @@ def test_instruction_counts_two_processes(trained, tiny_llama, instruction_file,
     assert collections.Counter(r["instruction"] for r in records) == COUNTS and len(records) == 5
     assert not [f for f in os.listdir(out) if ".part-" in f]
     # batches are seeded by their first prompt's index: the process count does not change the samples
-    one = instruct(tiny_llama, tmp_path / "one", instruction_file, "--lora_weights_path",
-                   adapter_path(trained, kind), "--batch_size", "2")
+    one = instruct(
+        tiny_llama,
+        tmp_path / "one",
+        instruction_file,
+        "--lora_weights_path",
+        adapter_path(trained, kind),
+        "--batch_size",
+        "2",
+    )
     assert records == one
 
 
 def test_batched_equals_unbatched_under_greedy_decoding(trained, tiny_llama, tmp_path):
-    lines = ["Hi #### 1", "Describe a list of numbers and what a Python list can hold. #### 2", "What is a tuple? #### 1",
-             "#### 1", "Explain: the os module provides a portable way of using operating system functions. #### 2"]
+    lines = [
+        "Hi #### 1",
+        "Describe a list of numbers and what a Python list can hold. #### 2",
+        "What is a tuple? #### 1",
+        "#### 1",
+        "Explain: the os module provides a portable way of using operating system functions. #### 2",
+    ]
     instructions = write_instructions(tmp_path / "mixed.txt", lines)
     common = ["--lora_weights_path", trained, "--max_length", "40"]  # budgets differ with the prompt length
     single = instruct(tiny_llama, tmp_path / "b1", instructions, *common, "--greedy", "--batch_size", "1")
@@ -179,12 +269,29 @@ def test_batched_equals_unbatched_under_greedy_decoding(trained, tiny_llama, tmp
 
 
 def test_killed_generation_resumes_without_duplicates_or_losses(trained, tiny_llama, tmp_path):
-    instructions = write_instructions(tmp_path / "many.txt", ["Tell me about lists. #### 60", "What is a tuple? #### 60"])
-    args = ["--model_name_or_path", tiny_llama, "--lora_weights_path", trained, "--instruction_file", instructions,
-            "--max_new_tokens", "16", "--batch_size", "2"]
+    instructions = write_instructions(
+        tmp_path / "many.txt", ["Tell me about lists. #### 60", "What is a tuple? #### 60"]
+    )
+    args = [
+        "--model_name_or_path",
+        tiny_llama,
+        "--lora_weights_path",
+        trained,
+        "--instruction_file",
+        instructions,
+        "--max_new_tokens",
+        "16",
+        "--batch_size",
+        "2",
+    ]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "inference_generation_instruction.py", *args, "--output_dir", str(out)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "inference_generation_instruction.py", *args, "--output_dir", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     part = out / "generations.part-0.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -215,9 +322,26 @@ def test_generations_train_again(trained, tiny_llama, instruction_file, tmp_path
     generations = str(tmp_path / "gen" / "generations.jsonl")
     assert len(load_records_file(generations)) == 5
     reset_accelerate()
-    train_clm.main(["--train_file", generations, "--model_name_or_path", tiny_llama, "--output_dir",
-                    str(tmp_path / "again"), "--block_size", "32", "--per_device_train_batch_size", "2",
-                    "--max_train_steps", "1", "--clip_norm", "-1", "--noise_multiplier", "-1"])
+    train_clm.main(
+        [
+            "--train_file",
+            generations,
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(tmp_path / "again"),
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_train_steps",
+            "1",
+            "--clip_norm",
+            "-1",
+            "--noise_multiplier",
+            "-1",
+        ]
+    )
     assert (tmp_path / "again" / "adapter_model.safetensors").exists()
 
 
@@ -226,9 +350,19 @@ def test_merge_lora_gives_the_same_logits(trained, tiny_llama):
     logits = {}
     for merge in ([], ["--merge_lora"]):
         reset_accelerate()
-        args = inference_generation_instruction.parse_args([
-            "--model_name_or_path", tiny_llama, "--lora_weights_path", trained, "--instruction_file", "unused",
-            "--output_dir", "unused", *merge])
+        args = inference_generation_instruction.parse_args(
+            [
+                "--model_name_or_path",
+                tiny_llama,
+                "--lora_weights_path",
+                trained,
+                "--instruction_file",
+                "unused",
+                "--output_dir",
+                "unused",
+                *merge,
+            ]
+        )
         model, _ = load_generation_model(args, Accelerator(cpu=True))
         assert isinstance(model, PeftModel) != bool(merge)
         with torch.no_grad():
@@ -236,8 +370,16 @@ def test_merge_lora_gives_the_same_logits(trained, tiny_llama):
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", ["What is a tuple? 2", "What is a tuple? #### two", "What is a tuple? #### 0",
-                                 "What is a tuple? #### -1", "What is a tuple? #### 2 more"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "What is a tuple? 2",
+        "What is a tuple? #### two",
+        "What is a tuple? #### 0",
+        "What is a tuple? #### -1",
+        "What is a tuple? #### 2 more",
+    ],
+)
 def test_malformed_instruction_line_is_refused_naming_it(tiny_llama, tmp_path, bad):
     instructions = write_instructions(tmp_path / "bad.txt", ["Describe a list. #### 3", bad])
     with pytest.raises(UserInputError, match=r"bad\.txt, line 2: expected"):
@@ -247,12 +389,27 @@ def test_malformed_instruction_line_is_refused_naming_it(tiny_llama, tmp_path, b
 
 def test_malformed_instruction_file_exits_2_with_one_line(tiny_llama, tmp_path):
     instructions = write_instructions(tmp_path / "bad.txt", ["Describe a list. #### 3", "", "oops ####"])
-    proc = subprocess.run([sys.executable, "inference_generation_instruction.py", "--model_name_or_path", tiny_llama,
-                           "--instruction_file", instructions, "--output_dir", str(tmp_path / "out")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "inference_generation_instruction.py",
+            "--model_name_or_path",
+            tiny_llama,
+            "--instruction_file",
+            instructions,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {instructions}, line 3: expected `instruction text #### N` "
-                                                "with N a whole number >= 1, got 'oops ####'"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {instructions}, line 3: expected `instruction text #### N` with N a whole number >= 1, got 'oops ####'"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -276,9 +433,23 @@ def test_prompts_from_a_data_file_are_refused_unless_declared_public(tiny_llama,
     records = write_records(tmp_path / "private.jsonl", [(secret, "a"), ("Q2:", "b")], jsonl=True)
     for flag in ("--train_file", "--validation_file"):
         out = tmp_path / f"out{flag}"
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "inference_generation_dataset.py"), flag, records,
-                                 "--model_name_or_path", tiny_llama, "--output_dir", str(out), "--max_new_tokens", "4"],
-                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "inference_generation_dataset.py"),
+                flag,
+                records,
+                "--model_name_or_path",
+                tiny_llama,
+                "--output_dir",
+                str(out),
+                "--max_new_tokens",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert result.returncode == 2 and "--prompts_are_public" in result.stderr
         assert result.stderr.startswith(f"error: {records}:") and len(result.stderr.strip().splitlines()) == 1
         assert not out.exists()
@@ -289,16 +460,45 @@ def test_prompts_from_a_data_file_are_refused_unless_declared_public(tiny_llama,
 def test_dataset_script_prompts(tiny_llama, tmp_path):
     records = write_records(tmp_path / "val.jsonl", [("Q1:", "a"), ("Q2:", "b"), ("", "c")], jsonl=True)
     reset_accelerate()
-    path = inference_generation_dataset.main(["--validation_file", records, "--num_samples", "7", "--model_name_or_path",
-                                              tiny_llama, "--output_dir", str(tmp_path / "file"), "--max_new_tokens", "4",
-                                              "--prompts_are_public"])
+    path = inference_generation_dataset.main(
+        [
+            "--validation_file",
+            records,
+            "--num_samples",
+            "7",
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(tmp_path / "file"),
+            "--max_new_tokens",
+            "4",
+            "--prompts_are_public",
+        ]
+    )
     assert [r["instruction"] for r in read_jsonl(path)] == ["Q1:", "Q2:", ""] * 2 + ["Q1:"]
 
     pubmed = tmp_path / "pubmed"
-    datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": [f"{split} abstract {i}" for i in range(3)]})
-                          for split in ("train", "validation", "test")}).save_to_disk(str(pubmed))
+    datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict({"text": [f"{split} abstract {i}" for i in range(3)]})
+            for split in ("train", "validation", "test")
+        }
+    ).save_to_disk(str(pubmed))
     reset_accelerate()
-    path = inference_generation_dataset.main(["--dataset_name", "pubmed_generation", "--dataset_dir", str(pubmed),
-                                              "--model_name_or_path", tiny_llama, "--output_dir", str(tmp_path / "pm"),
-                                              "--max_new_tokens", "4", "--num_samples", "2"])
+    path = inference_generation_dataset.main(
+        [
+            "--dataset_name",
+            "pubmed_generation",
+            "--dataset_dir",
+            str(pubmed),
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(tmp_path / "pm"),
+            "--max_new_tokens",
+            "4",
+            "--num_samples",
+            "2",
+        ]
+    )
     assert [r["instruction"] for r in read_jsonl(path)] == ["Abstract:", "Abstract:"]

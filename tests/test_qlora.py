@@ -82,10 +82,33 @@ def test_train_clm_with_load_in_4bit(tiny_llama, text_records, tmp_path):
 
     data = write_records(tmp_path / "d.jsonl", text_records[:24], jsonl=True)
     out = tmp_path / "out"
-    train_clm.main(["--train_file", data, "--model_name_or_path", tiny_llama, "--output_dir", str(out),
-                    "--load_in_4bit", "--block_size", "48", "--per_device_train_batch_size", "4",
-                    "--max_train_steps", "2", "--clip_norm", "1", "--noise_multiplier", "1", "--delta", "1e-3",
-                    "--lora_r", "4", "--lora_alpha", "8"])
+    train_clm.main(
+        [
+            "--train_file",
+            data,
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(out),
+            "--load_in_4bit",
+            "--block_size",
+            "48",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_steps",
+            "2",
+            "--clip_norm",
+            "1",
+            "--noise_multiplier",
+            "1",
+            "--delta",
+            "1e-3",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+        ]
+    )
     from transformers import AutoModelForCausalLM
 
     trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
@@ -93,8 +116,19 @@ def test_train_clm_with_load_in_4bit(tiny_llama, text_records, tmp_path):
 
 
 def _args(**kw):
-    base = dict(model_name_or_path="unused", block_size=32, keep_base_dropout=False, gradient_ckpt=False, lora_r=4,
-                lora_alpha=4, lora_dropout=0.0, lora_target_modules=None, seed=0, fsdp=False, load_in_4bit=True)
+    base = dict(
+        model_name_or_path="unused",
+        block_size=32,
+        keep_base_dropout=False,
+        gradient_ckpt=False,
+        lora_r=4,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        lora_target_modules=None,
+        seed=0,
+        fsdp=False,
+        load_in_4bit=True,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 

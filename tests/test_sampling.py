@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from test_dp_utils import RECORDS, batch_of, flat, lora_model, run_step
+
 from utils.dp_randomness import DPRandomness
 from utils.sampling import PoissonSampler, make_sampler
 

@@ -16,9 +16,30 @@ import pytest
 import torch
 from conftest import ROOT, write_records
 
-COMMON = ["--block_size", "64", "--clip_norm", "0.5", "--noise_multiplier", "0.7", "--max_train_steps", "2",
-          "--delta", "1e-3", "--seed", "5", "--insecure_dp_seed", "13", "--gradient_accumulation_steps", "2",
-          "--sampling", "poisson", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant"]
+COMMON = [
+    "--block_size",
+    "64",
+    "--clip_norm",
+    "0.5",
+    "--noise_multiplier",
+    "0.7",
+    "--max_train_steps",
+    "2",
+    "--delta",
+    "1e-3",
+    "--seed",
+    "5",
+    "--insecure_dp_seed",
+    "13",
+    "--gradient_accumulation_steps",
+    "2",
+    "--sampling",
+    "poisson",
+    "--learning_rate",
+    "1e-2",
+    "--lr_scheduler_type",
+    "constant",
+]
 TIMEOUT = 300
 
 
@@ -41,8 +62,9 @@ def relative_difference(a, b, select=""):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", HF_HUB_OFFLINE="1"
+    )
     env.pop("ACCELERATE_USE_CPU", None)
     return env
 
@@ -77,9 +99,14 @@ def checkpoint(tiny_llama, text_records, tmp_path_factory):
     model = save_sharded(tiny_llama, folder / "model")
     with open(os.path.join(model, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) >= 3  # really several shards
-    data = ["--train_file", write_records(folder / "train.jsonl", text_records[:40], jsonl=True),
-            "--validation_file", write_records(folder / "val.jsonl", text_records[40:48], jsonl=True),
-            "--model_name_or_path", model]
+    data = [
+        "--train_file",
+        write_records(folder / "train.jsonl", text_records[:40], jsonl=True),
+        "--validation_file",
+        write_records(folder / "val.jsonl", text_records[40:48], jsonl=True),
+        "--model_name_or_path",
+        model,
+    ]
     return {"folder": folder, "model": model, "data": data}
 
 
@@ -105,11 +132,28 @@ def _unsharded_lora_checksum(model_dir):
 
 def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup):
     out, reports = str(setup["folder"] / "two"), str(setup["folder"] / "two_reports")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join("tests", "fsdp_worker.py"), *setup["data"], *COMMON, "--per_device_train_batch_size", "2",
-           "--output_dir", out, "--fsdp", "--gradient_ckpt", "--debug_sync_check", "1"]
-    result = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), FSDP_WORKER_REPORT=reports), capture_output=True,
-                            text=True, timeout=TIMEOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join("tests", "fsdp_worker.py"),
+        *setup["data"],
+        *COMMON,
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        out,
+        "--fsdp",
+        "--gradient_ckpt",
+        "--debug_sync_check",
+        "1",
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, env=dict(_env(), FSDP_WORKER_REPORT=reports), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = _reports(reports)
     total = ranks[0]["loaded"]["checkpoint_bytes"]
@@ -135,14 +179,42 @@ def test_two_machine_config_runs_as_two_one_process_machines(setup):
     """accelerate_configs/fsdp_2machines_8gpus.cfg with num_processes and the address overridden,
     exactly as the README's steps do on real machines; each 'machine' starts one process."""
     out, reports, port = str(setup["folder"] / "machines"), str(setup["folder"] / "machine_reports"), _free_port()
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join("accelerate_configs", "fsdp_2machines_8gpus.cfg"), "--num_processes", "2",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no"]
-    script = [os.path.join("tests", "fsdp_worker.py"), *setup["data"], *COMMON, "--per_device_train_batch_size", "2",
-              "--output_dir", out]
+    base = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join("accelerate_configs", "fsdp_2machines_8gpus.cfg"),
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+    ]
+    script = [
+        os.path.join("tests", "fsdp_worker.py"),
+        *setup["data"],
+        *COMMON,
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        out,
+    ]
     env = dict(_env(), FSDP_WORKER_REPORT=reports)
-    machines = [subprocess.Popen([*base, "--machine_rank", str(rank), *script], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            [*base, "--machine_rank", str(rank), *script],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
     try:
         logs = [m.communicate(timeout=TIMEOUT)[0] for m in machines]
     finally:
@@ -207,10 +279,15 @@ def _stale_index(folder, shard, index):
     return name
 
 
-@pytest.mark.parametrize("damage, message", [(_missing, "safetensors shard missing"),
-                                             (_mismatched, "has shape"),
-                                             (_truncated, "truncated"),
-                                             (_stale_index, "does not hold")])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_missing, "safetensors shard missing"),
+        (_mismatched, "has shape"),
+        (_truncated, "truncated"),
+        (_stale_index, "does not hold"),
+    ],
+)
 def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, damage, message):
     from utils.data_utils import UserInputError
     from utils.sharded_loading import empty_model
@@ -226,8 +303,20 @@ def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, dam
 def test_broken_shard_under_torchrun_exits_2_with_one_line(checkpoint, tmp_path):
     folder, shard, _ = _broken(checkpoint, tmp_path, _missing)
     data = [str(folder) if x == checkpoint["model"] else x for x in checkpoint["data"]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train_clm.py",
-           *data, *COMMON, "--output_dir", str(tmp_path / "out"), "--fsdp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "train_clm.py",
+        *data,
+        *COMMON,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--fsdp",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and shard in errors[0], result.stderr[-3000:]

@@ -7,19 +7,38 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, write_records
+from safetensors.torch import load_file
 
 import train_clm
 
 
 def train(model, data, out, *extra, batch=2, accumulation=2, clip="1.0", sigma="1.0"):
-    train_clm.main([
-        "--train_file", data, "--model_name_or_path", model, "--output_dir", str(out), "--block_size", "64",
-        "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
-        "--clip_norm", clip, "--noise_multiplier", sigma, "--delta", "1e-3", "--seed", "3", *extra,
-    ])
+    train_clm.main(
+        [
+            "--train_file",
+            data,
+            "--model_name_or_path",
+            model,
+            "--output_dir",
+            str(out),
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            str(batch),
+            "--gradient_accumulation_steps",
+            str(accumulation),
+            "--clip_norm",
+            clip,
+            "--noise_multiplier",
+            sigma,
+            "--delta",
+            "1e-3",
+            "--seed",
+            "3",
+            *extra,
+        ]
+    )
     return str(out)
 
 
@@ -31,16 +50,49 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
     data = write_records(tmp_path / "train.jsonl", text_records[:24], jsonl=True)
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_clm.py"), "--train_file", data, "--validation_file", data,
-         "--model_name_or_path", tiny_llama, "--output_dir", str(out), "--block_size", "64",
-         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--clip_norm", "1",
-         "--noise_multiplier", "1", "--max_train_steps", "3", "--delta", "1e-3", "--eval_freq", "2",
-         "--with_tracking", "--report_to", "tensorboard"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "train_clm.py"),
+            "--train_file",
+            data,
+            "--validation_file",
+            data,
+            "--model_name_or_path",
+            tiny_llama,
+            "--output_dir",
+            str(out),
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--clip_norm",
+            "1",
+            "--noise_multiplier",
+            "1",
+            "--max_train_steps",
+            "3",
+            "--delta",
+            "1e-3",
+            "--eval_freq",
+            "2",
+            "--with_tracking",
+            "--report_to",
+            "tensorboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ["adapter_config.json", "adapter_model.safetensors", "lora_weights.bin", "privacy_report.json",
-                 "all_results.json"]:
+    for name in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lora_weights.bin",
+        "privacy_report.json",
+        "all_results.json",
+    ]:
         assert (out / name).exists(), name
     assert not [n for n in os.listdir(out) if n.startswith(".incomplete")]
     results = json.loads((out / "all_results.json").read_text())
@@ -52,6 +104,7 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
     loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     saved = adapter(str(out))
@@ -66,11 +119,38 @@ def test_loss_goes_down_without_privacy(tiny_llama, text_records, tmp_path):
     data = write_records(tmp_path / "train.json", text_records[:64])
     # a random model's output layer is near-uniform; adapting it too lets a few steps show learning
     targets = ["--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,lm_head"]
-    out = train(tiny_llama, data, tmp_path / "out", "--validation_file", data, "--max_train_steps", "25", *targets,
-                "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--sampling", "shuffle",
-                batch=8, accumulation=1, clip="-1", sigma="-1")
-    before = train(tiny_llama, data, tmp_path / "init", "--validation_file", data, "--max_train_steps", "0",
-                   *targets, clip="-1", sigma="-1")
+    out = train(
+        tiny_llama,
+        data,
+        tmp_path / "out",
+        "--validation_file",
+        data,
+        "--max_train_steps",
+        "25",
+        *targets,
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--sampling",
+        "shuffle",
+        batch=8,
+        accumulation=1,
+        clip="-1",
+        sigma="-1",
+    )
+    before = train(
+        tiny_llama,
+        data,
+        tmp_path / "init",
+        "--validation_file",
+        data,
+        "--max_train_steps",
+        "0",
+        *targets,
+        clip="-1",
+        sigma="-1",
+    )
     after_loss = json.loads(open(os.path.join(out, "all_results.json")).read())["eval_loss"]
     before_loss = json.loads(open(os.path.join(before, "all_results.json")).read())["eval_loss"]
     assert after_loss < before_loss - 0.5, (before_loss, after_loss)
@@ -90,22 +170,37 @@ def test_max_train_steps_zero_saves_the_seeded_initial_adapter(tiny_llama, text_
 def test_dp_update_is_mean_of_clipped_single_record_gradients(tiny_llama, text_records, tmp_path, ckpt):
     """The acceptance check: each g_i measured by a one-record non-private SGD step of the script."""
     records = text_records[:4]
-    sgd = ["--optimizer", "sgd", "--learning_rate", "1", "--weight_decay", "0", "--lr_scheduler_type", "constant",
-           "--sampling", "shuffle", "--max_train_steps", "1"]
+    sgd = [
+        "--optimizer",
+        "sgd",
+        "--learning_rate",
+        "1",
+        "--weight_decay",
+        "0",
+        "--lr_scheduler_type",
+        "constant",
+        "--sampling",
+        "shuffle",
+        "--max_train_steps",
+        "1",
+    ]
     data = write_records(tmp_path / "four.json", records)
     initial = adapter(train(tiny_llama, data, tmp_path / "init", "--max_train_steps", "0"))
     per_record = []
     for i, record in enumerate(records):
         one = write_records(tmp_path / f"one{i}.json", [record])
-        stepped = adapter(train(tiny_llama, one, tmp_path / f"g{i}", *sgd, *ckpt, batch=1, accumulation=1,
-                                clip="-1", sigma="-1"))
+        stepped = adapter(
+            train(tiny_llama, one, tmp_path / f"g{i}", *sgd, *ckpt, batch=1, accumulation=1, clip="-1", sigma="-1")
+        )
         per_record.append({k: initial[k] - stepped[k] for k in initial})  # lr 1: update = gradient
     norms = torch.stack([torch.sqrt(sum(g[k].double().pow(2).sum() for k in g)) for g in per_record])
     clip = float(norms.median())  # some records clipped, some not
-    dp = adapter(train(tiny_llama, data, tmp_path / "dp", *sgd, *ckpt, "--insecure_dp_seed", "1",
-                       clip=repr(clip), sigma="0"))
-    expected = {k: sum(min(1.0, clip / float(n)) * g[k].double() for g, n in zip(per_record, norms)) / 4
-                for k in initial}
+    dp = adapter(
+        train(tiny_llama, data, tmp_path / "dp", *sgd, *ckpt, "--insecure_dp_seed", "1", clip=repr(clip), sigma="0")
+    )
+    expected = {
+        k: sum(min(1.0, clip / float(n)) * g[k].double() for g, n in zip(per_record, norms)) / 4 for k in initial
+    }
     measured = {k: (initial[k] - dp[k]).double() for k in initial}
     num = torch.sqrt(sum((measured[k] - expected[k]).pow(2).sum() for k in initial))
     den = torch.sqrt(sum(expected[k].pow(2).sum() for k in initial))

@@ -7,6 +7,7 @@ Two neighbouring relations (docs/DESIGN.md 2.11): "add_remove" (one record added
 figure every peer reports) and "replace_one" (one record replaced by another, the consistent one
 when the data set size N is published, as privacy_report.json does); the same run has a larger
 replace-one epsilon."""
+
 import contextlib
 import logging
 import math
@@ -56,7 +57,9 @@ def _discretization(sigma, q):
 
 @lru_cache(maxsize=4096)
 def _pld_epsilon(sigma, q, steps, delta, relation="add_remove"):
-    accountant = pld.PLDAccountant(NEIGHBORING_RELATIONS[relation], value_discretization_interval=_discretization(sigma, q))
+    accountant = pld.PLDAccountant(
+        NEIGHBORING_RELATIONS[relation], value_discretization_interval=_discretization(sigma, q)
+    )
     accountant.compose(_event(sigma, q, steps))
     return float(accountant.get_epsilon(delta))
 
@@ -92,12 +95,19 @@ def _check_relation(relation):
 ACCOUNTANTS = {"pld": (ACCOUNTANT_NAME, _pld_epsilon)}
 
 
-def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                    relation: str = "add_remove", accountant: str = "pld") -> float:
+def compute_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    relation: str = "add_remove",
+    accountant: str = "pld",
+) -> float:
     """Epsilon (PLD: an upper bound tight to ~1e-4 relative) after `steps` Poisson-subsampled
     Gaussian steps. steps == 0 -> 0.0; noise_multiplier == 0 -> inf; sampling_rate 1 allowed."""
-    return _epsilon(ACCOUNTANTS[accountant][1], noise_multiplier, sampling_rate, steps, delta,
-                    _check_relation(relation))
+    return _epsilon(
+        ACCOUNTANTS[accountant][1], noise_multiplier, sampling_rate, steps, delta, _check_relation(relation)
+    )
 
 
 def compute_epsilon_rdp(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
@@ -131,7 +141,7 @@ def effective_noise_multiplier(noise_multiplier: float, loss_noise_multiplier=No
         return noise_multiplier
     if noise_multiplier == 0 or loss_noise_multiplier == 0:
         return 0.0
-    return (noise_multiplier ** -2 + loss_noise_multiplier ** -2) ** -0.5
+    return (noise_multiplier**-2 + loss_noise_multiplier**-2) ** -0.5
 
 
 def _solve(eps, target, hi):
@@ -159,8 +169,14 @@ def _solve(eps, target, hi):
     return None
 
 
-def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
-                                 relation: str = "add_remove", accountant: str = "pld") -> float:
+def noise_multiplier_for_epsilon(
+    target_epsilon: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    relation: str = "add_remove",
+    accountant: str = "pld",
+) -> float:
     """Smallest sigma (to 0.1%) whose PLD epsilon over `steps` steps is <= target_epsilon: the
     returned sigma has compute_epsilon in [0.999 * target, target]. Deterministic."""
     _, q, steps, delta = _check(1.0, sampling_rate, steps, delta)
@@ -174,11 +190,15 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
     rdp_eps = lambda sigma: _rdp_epsilon(sigma, q, steps, delta, _BRACKET_ORDERS)  # noqa: E731
     rdp_bound_applies = relation == "add_remove"  # RDP bounds the add/remove PLD from above
     if (not rdp_bound_applies or rdp_eps(_SIGMA_MAX) > target) and eps_of(_SIGMA_MAX) > target:
-        raise ValueError(f"--target_epsilon {target:g} is unreachable: it would need a noise multiplier "
-                         f"above {_SIGMA_MAX:g} for {steps} steps at sampling rate {q:g}")
+        raise ValueError(
+            f"--target_epsilon {target:g} is unreachable: it would need a noise multiplier "
+            f"above {_SIGMA_MAX:g} for {steps} steps at sampling rate {q:g}"
+        )
     if rdp_eps(_SIGMA_MIN) <= target:  # RDP is an upper bound, so PLD agrees
-        raise ValueError(f"--target_epsilon {target:g} is too large to calibrate: it would need a "
-                         f"noise multiplier below {_SIGMA_MIN:g}, which protects nothing")
+        raise ValueError(
+            f"--target_epsilon {target:g} is too large to calibrate: it would need a "
+            f"noise multiplier below {_SIGMA_MIN:g}, which protects nothing"
+        )
     # Bracket cheaply with RDP: it is looser than PLD, so a sigma meeting the target under RDP
     # meets it under PLD too. Bisect in log(sigma) only to a few percent; PLD refines.
     lo, hi = _SIGMA_MIN, _SIGMA_MAX
@@ -191,8 +211,9 @@ def noise_multiplier_for_epsilon(target_epsilon: float, sampling_rate: float, st
         hi = min(2 * hi, _SIGMA_MAX)
     sigma = _solve(eps_of, target, hi)
     if sigma is None:
-        raise ValueError(f"--target_epsilon {target:g} could not be calibrated for {steps} steps at "
-                         f"sampling rate {q:g}")
+        raise ValueError(
+            f"--target_epsilon {target:g} could not be calibrated for {steps} steps at sampling rate {q:g}"
+        )
     return sigma
 
 
@@ -201,8 +222,9 @@ def check_delta(delta: float, dataset_size: int, unit: str = "records") -> None:
     if not delta > 0:
         raise ValueError(f"--delta {delta:g} must be positive")
     if delta >= 1 / dataset_size:
-        raise ValueError(f"--delta {delta:g} must be below 1/N = {1 / dataset_size:.3g} "
-                         f"for a data set of {dataset_size} {unit}")
+        raise ValueError(
+            f"--delta {delta:g} must be below 1/N = {1 / dataset_size:.3g} for a data set of {dataset_size} {unit}"
+        )
 
 
 class PrivacyAccountant:
@@ -211,8 +233,14 @@ class PrivacyAccountant:
     `relation` is the neighbouring relation of `epsilon()` by default (the one the budget guard
     uses); the other relation's figure is one argument away."""
 
-    def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float, relation: str = "add_remove",
-                 accountant: str = "pld"):
+    def __init__(
+        self,
+        noise_multiplier: float,
+        sampling_rate: float,
+        delta: float,
+        relation: str = "add_remove",
+        accountant: str = "pld",
+    ):
         self.noise_multiplier, self.sampling_rate, _, self.delta = _check(noise_multiplier, sampling_rate, 0, delta)
         self.relation = _check_relation(relation)
         self.accountant = accountant
@@ -227,10 +255,17 @@ class PrivacyAccountant:
         """Epsilon after `steps` steps (default: those taken so far); each count computed once."""
         steps = self.steps if steps is None else steps
         relation = relation or self.relation
-        key = (self.noise_multiplier, self.sampling_rate, self.delta, steps, relation)  # all of it: attributes are plain
+        key = (
+            self.noise_multiplier,
+            self.sampling_rate,
+            self.delta,
+            steps,
+            relation,
+        )  # all of it: attributes are plain
         if key not in self._cache:
-            self._cache[key] = compute_epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta, relation,
-                                               self.accountant)
+            self._cache[key] = compute_epsilon(
+                self.noise_multiplier, self.sampling_rate, steps, self.delta, relation, self.accountant
+            )
         return self._cache[key]
 
     def steps_within(self, target_epsilon: float, planned: int) -> int:
@@ -245,14 +280,20 @@ class PrivacyAccountant:
         return low
 
     def state_dict(self) -> dict:
-        return {"noise_multiplier": self.noise_multiplier, "sampling_rate": self.sampling_rate,
-                "delta": self.delta, "steps": self.steps}
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.sampling_rate,
+            "delta": self.delta,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         # Epsilon is only valid for one mechanism repeated; a resumed run that changed sigma or q
         # would be composing different mechanisms, which this accountant cannot report.
         for key in ("noise_multiplier", "sampling_rate", "delta"):
             if not math.isclose(state[key], getattr(self, key), rel_tol=1e-9):
-                raise ValueError(f"cannot resume privacy accounting: checkpoint has {key} = {state[key]}, "
-                                 f"this run has {getattr(self, key)}")
+                raise ValueError(
+                    f"cannot resume privacy accounting: checkpoint has {key} = {state[key]}, "
+                    f"this run has {getattr(self, key)}"
+                )
         self.steps = int(state["steps"])

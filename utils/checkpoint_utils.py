@@ -39,11 +39,14 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mismatched = {k: (state["run_facts"].get(k), v) for k, v in self.run_facts.items()
-                      if state["run_facts"].get(k) != v}
+        mismatched = {
+            k: (state["run_facts"].get(k), v) for k, v in self.run_facts.items() if state["run_facts"].get(k) != v
+        }
         if mismatched:
-            raise ValueError("the checkpoint belongs to a different run: "
-                             + ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in mismatched.items()))
+            raise ValueError(
+                "the checkpoint belongs to a different run: "
+                + ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in mismatched.items())
+            )
         set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -65,9 +68,11 @@ def refuse_finished_run(output_dir: str) -> None:
     """A finished run is final: resuming it would train a second adapter on the same data with fresh
     noise, two releases under one reported epsilon."""
     if os.path.exists(os.path.join(output_dir, FINISHED_MARK)):
-        raise ValueError(f"{output_dir}: holds a finished run ({FINISHED_MARK}); a finished run cannot be resumed, "
-                         "since a second adapter from the same data would not be covered by its epsilon. "
-                         "Start a new run in a new --output_dir")
+        raise ValueError(
+            f"{output_dir}: holds a finished run ({FINISHED_MARK}); a finished run cannot be resumed, "
+            "since a second adapter from the same data would not be covered by its epsilon. "
+            "Start a new run in a new --output_dir"
+        )
 
 
 def checkpoint_root(output_dir: str) -> str:

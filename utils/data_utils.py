@@ -35,7 +35,9 @@ def load_records_file(path: str, unit_key: str | None = None) -> datasets.Datase
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train")
     except Exception as err:  # datasets wraps parser errors in several types
-        raise UserInputError(f"{path}: not valid JSON or JSON Lines ({_json_problem(path) or type(err).__name__})") from None
+        raise UserInputError(
+            f"{path}: not valid JSON or JSON Lines ({_json_problem(path) or type(err).__name__})"
+        ) from None
     finally:
         datasets.utils.logging.set_verbosity(level)
     keys = ["instruction", "answer"] + ([unit_key] if unit_key else [])
@@ -56,7 +58,9 @@ def _check_utf8(path):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                raise UserInputError(f"{path}: not UTF-8 text (invalid byte near offset {offset + err.start})") from None
+                raise UserInputError(
+                    f"{path}: not UTF-8 text (invalid byte near offset {offset + err.start})"
+                ) from None
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
@@ -83,7 +87,7 @@ def _json_problem(path):
                     return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
                 return f"line {number}, column {err.colno}: {err.msg}"
         return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
-    return "a JSON document that is neither {\"instruction\": [...], \"answer\": [...]} nor records"
+    return 'a JSON document that is neither {"instruction": [...], "answer": [...]} nor records'
 
 
 def _columns_to_records(ds, path, keys):
@@ -93,13 +97,16 @@ def _columns_to_records(ds, path, keys):
     row = ds[0]
     for key in keys[1:]:
         if len(row[key] or []) != len(row["instruction"] or []):
-            raise UserInputError(f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but "
-                                 f"'{key}' has {len(row[key] or [])}")
+            raise UserInputError(
+                f"{path}: 'instruction' has {len(row['instruction'] or [])} entries but "
+                f"'{key}' has {len(row[key] or [])}"
+            )
     for i, (instruction, answer) in enumerate(zip(row["instruction"] or [], row["answer"] or [])):
         _check_text(path, i, "instruction", instruction)  # before exploding: mixed types break datasets
         _check_text(path, i, "answer", answer)
-    return ds.map(lambda batch: {key: batch[key][0] for key in keys},
-                  batched=True, batch_size=1, remove_columns=ds.column_names)
+    return ds.map(
+        lambda batch: {key: batch[key][0] for key in keys}, batched=True, batch_size=1, remove_columns=ds.column_names
+    )
 
 
 def load_pubmed(dataset_dir: str | None = None, unit_key: str | None = None) -> datasets.DatasetDict:
@@ -107,26 +114,33 @@ def load_pubmed(dataset_dir: str | None = None, unit_key: str | None = None) -> 
     unit_key column, e.g. author, kept for the training split)."""
     dataset_dir = dataset_dir or DEFAULT_PUBMED_DIR
     if not os.path.isdir(dataset_dir):
-        raise UserInputError(
-            f"{dataset_dir}: PubMed data set not built; run `python scripts/prepare_pubmed.py` first"
-        )
+        raise UserInputError(f"{dataset_dir}: PubMed data set not built; run `python scripts/prepare_pubmed.py` first")
     dd = datasets.load_from_disk(dataset_dir)
     if unit_key and unit_key not in dd["train"].column_names:
-        raise UserInputError(f"{dataset_dir}: the built data set has no '{unit_key}' column (it has "
-                             f"{', '.join(dd['train'].column_names)}); rebuild it with `python -m scripts.prepare_pubmed`")
+        raise UserInputError(
+            f"{dataset_dir}: the built data set has no '{unit_key}' column (it has "
+            f"{', '.join(dd['train'].column_names)}); rebuild it with `python -m scripts.prepare_pubmed`"
+        )
 
     def records(batch, split):
         kept = {unit_key: batch[unit_key]} if unit_key and split == "train" else {}
         return {"instruction": [PUBMED_PROMPT] * len(batch["text"]), "answer": batch["text"], **kept}
 
-    return datasets.DatasetDict({
-        split: ds.map(records, fn_kwargs={"split": split}, batched=True, remove_columns=ds.column_names)
-        for split, ds in dd.items()
-    })
+    return datasets.DatasetDict(
+        {
+            split: ds.map(records, fn_kwargs={"split": split}, batched=True, remove_columns=ds.column_names)
+            for split, ds in dd.items()
+        }
+    )
 
 
-def load_raw_datasets(dataset_name: str | None = None, train_file: str | None = None, validation_file: str | None = None,
-                      dataset_dir: str | None = None, unit_key: str | None = None) -> datasets.DatasetDict:
+def load_raw_datasets(
+    dataset_name: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    dataset_dir: str | None = None,
+    unit_key: str | None = None,
+) -> datasets.DatasetDict:
     """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records; the
     training records keep their privacy unit's id under unit_key when it is given."""
     if dataset_name is not None:
@@ -213,7 +227,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, block_size: int, desc: str
     """Cached by `datasets`: a rerun with the same tokenizer and block size does not retokenise."""
     return ds.map(
         lambda r: tokenize_record(tokenizer, r["instruction"], r["answer"], block_size),
-        remove_columns=ds.column_names, desc=desc,
+        remove_columns=ds.column_names,
+        desc=desc,
     )
 
 
@@ -241,5 +256,5 @@ class Collator:
             ids = torch.tensor(r["input_ids"])
             input_ids[k, : len(ids)] = ids
             attention[k, : len(ids)] = 1
-            labels[k, r["prompt_len"]: len(ids)] = ids[r["prompt_len"]:]
+            labels[k, r["prompt_len"] : len(ids)] = ids[r["prompt_len"] :]
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

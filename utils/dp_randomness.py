@@ -27,7 +27,8 @@ class DPRandomness:
         else:
             warnings.warn(
                 f"--insecure_dp_seed {insecure_seed}: sampling and noise are reproducible by anyone "
-                "who knows this seed; use it for testing only, never for a release"
+                "who knows this seed; use it for testing only, never for a release",
+                stacklevel=2,
             )
             seed = int(insecure_seed)
         self.seed = _broadcast_int(seed)
@@ -58,7 +59,7 @@ def secure_gaussian(shape: tuple, std: float, dtype: torch.dtype = torch.float32
     n = math.prod(shape)
     pairs = 2 * n  # each pair of uniforms gives two normals: 4 normals per output value
     bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).view(2, pairs)
-    uniform = ((bits >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53  # [0, 1)
+    uniform = ((bits >> 11) & ((1 << 53) - 1)).double() * 2.0**-53  # [0, 1)
     radius = torch.sqrt(-2.0 * torch.log1p(-uniform[0]))  # 1 - u in (0, 1]: log stays finite
     angle = 2 * math.pi * uniform[1]
     normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n)

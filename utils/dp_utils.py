@@ -50,8 +50,19 @@ class DPGradient:
     clip_norm < 0 and noise_multiplier < 0: non-private; plain autograd, no per-example work.
     """
 
-    def __init__(self, model, clip_norm, noise_multiplier, expected_batch_size, randomness=None, *,
-                 loss_clip=None, loss_noise_multiplier=0.0, secure_noise=False, accountant=None):
+    def __init__(
+        self,
+        model,
+        clip_norm,
+        noise_multiplier,
+        expected_batch_size,
+        randomness=None,
+        *,
+        loss_clip=None,
+        loss_noise_multiplier=0.0,
+        secure_noise=False,
+        accountant=None,
+    ):
         self.private = clip_norm > 0
         if noise_multiplier > 0 and not self.private:
             raise ValueError("--noise_multiplier > 0 needs --clip_norm > 0 (noise is scaled by the clip norm)")
@@ -115,8 +126,10 @@ class DPGradient:
         whose other rows do not change: its first dimension really is the record, not tokens
         (flattened MoE input) nor a [tokens, records, ...] layout that happens to match in size."""
         inputs = {name: [] for name, _ in named}
-        hooks = [m.register_forward_pre_hook(lambda m, args, seen=inputs[name]: seen.append(args[0].clone()))
-                 for name, m in named]
+        hooks = [
+            m.register_forward_pre_hook(lambda m, args, seen=inputs[name]: seen.append(args[0].clone()))
+            for name, m in named
+        ]
         modes = {m: m.training for m in model.modules()}
         model.eval()  # no dropout: the two passes differ only in the last record
         try:
@@ -134,9 +147,11 @@ class DPGradient:
             calls = len(seen) // 2  # a layer may run several times per forward
             for first, second in zip(seen[:calls], seen[calls:]):
                 if not torch.allclose(first[:-1], second[:-1], rtol=1e-3, atol=1e-3 * float(first.abs().max())):
-                    raise UserInputError(f"LoRA layer {name}: one record's input depends on another record, so "
-                                         "its per-example gradient would not be the record's own; leave it out of "
-                                         "--lora_target_modules")
+                    raise UserInputError(
+                        f"LoRA layer {name}: one record's input depends on another record, so "
+                        "its per-example gradient would not be the record's own; leave it out of "
+                        "--lora_target_modules"
+                    )
 
     def detach(self) -> None:
         """Restore the layers' own forward (e.g. before saving or generating)."""
@@ -149,8 +164,9 @@ class DPGradient:
 
     # -- per micro-batch ----------------------------------------------------------------------
 
-    def accumulate_micro_batch(self, losses: torch.Tensor | None = None, counts: torch.Tensor | None = None,
-                               units: torch.Tensor | None = None) -> None:
+    def accumulate_micro_batch(
+        self, losses: torch.Tensor | None = None, counts: torch.Tensor | None = None, units: torch.Tensor | None = None
+    ) -> None:
         """Clip this micro-batch's per-example gradients and add them to the step's sum.
 
         losses, counts: the records' losses and label-token counts (per_record_loss); records
@@ -175,7 +191,9 @@ class DPGradient:
         per_example = store.buffer  # [n, P]: one record per row
         if units is not None:  # one row per unit
             units = units.to(per_example.device)
-            per_example = per_example.new_zeros(int(units.max()) + 1, per_example.shape[1]).index_add_(0, units, per_example)
+            per_example = per_example.new_zeros(int(units.max()) + 1, per_example.shape[1]).index_add_(
+                0, units, per_example
+            )
         norms = torch.linalg.vector_norm(per_example, dim=1)  # the joint norm over all parameters
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
@@ -236,7 +254,10 @@ class DPGradient:
         clipped_sum, exact_sum, records, nonfinite = stats.tolist()
         return StepStats(
             released_loss=clipped_sum / self.expected_batch_size if self.loss_clip is not None else None,
-            exact_loss=exact_sum / max(records, 1), records=int(records), nonfinite=int(nonfinite))
+            exact_loss=exact_sum / max(records, 1),
+            records=int(records),
+            nonfinite=int(nonfinite),
+        )
 
     def _noise(self, shape, std, purpose, step, like):
         if self.secure_noise:
@@ -261,6 +282,7 @@ class StepStats:
     """One logical step's loss figures. Only `released_loss` (the private estimate, or None when no
     loss is released) may leave the console; the exact mean loss, the realised number of records
     and the count of non-finite per-example gradients are exact statistics of private data."""
+
     released_loss: float | None
     exact_loss: float
     records: int
@@ -281,8 +303,10 @@ def per_record_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="none",
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
     ).view(shift_labels.shape)
     counts = (shift_labels != -100).sum(1)
     return token_loss.sum(1) / counts.clamp(min=1), counts

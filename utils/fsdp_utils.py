@@ -24,8 +24,10 @@ def fsdp_requested(flag, accelerator):
     launch` with an FSDP config on a machine where accelerate itself would not apply it (CPU)."""
     from accelerate.utils import DistributedType
 
-    requested = bool(flag) or accelerator.distributed_type == DistributedType.FSDP or (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1
+    requested = (
+        bool(flag)
+        or accelerator.distributed_type == DistributedType.FSDP
+        or (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1)
     )
     if requested and not (dist.is_available() and dist.is_initialized()):
         raise UserInputError("--fsdp needs a process group: start the script with `accelerate launch` or `torchrun`")
@@ -77,8 +79,10 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     names = set(layer_class_names or config_names or getattr(hf_model, "_no_split_modules", None) or [])
     layers = [m for m in hf_model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"FSDP: no decoder layer of the classes {sorted(names)} in {type(hf_model).__name__}; "
-                         "set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+        raise ValueError(
+            f"FSDP: no decoder layer of the classes {sorted(names)} in {type(hf_model).__name__}; "
+            "set fsdp_transformer_layer_cls_to_wrap in the accelerate config"
+        )
     trainable = {p for p in model.parameters() if p.requires_grad}
     for p in trainable:  # ignored parameters are not moved by FSDP
         p.data = p.data.to(device)
@@ -96,8 +100,16 @@ def shard_summary(model):
     sharded (DTensor, local shard smaller than the full tensor), LoRA parameters plain and whole."""
     from torch.distributed.tensor import DTensor
 
-    out = {"base_params": 0, "base_sharded": 0, "base_local_numel": 0, "base_full_numel": 0,
-           "lora_params": 0, "lora_sharded": 0, "lora_numel": 0, "example": None}
+    out = {
+        "base_params": 0,
+        "base_sharded": 0,
+        "base_local_numel": 0,
+        "base_full_numel": 0,
+        "lora_params": 0,
+        "lora_sharded": 0,
+        "lora_numel": 0,
+        "example": None,
+    }
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         kind = "lora" if p.requires_grad else "base"

@@ -39,8 +39,20 @@ INFO_FILE = "generation_info.json"
 PART_PATTERN = "generations.part-*.jsonl"
 
 # the arguments a resumed run must share with the interrupted one
-RUN_ARGS = ["model_name_or_path", "lora_weights_path", "merge_lora", "batch_size", "temperature", "top_k",
-            "top_p", "repetition_penalty", "max_length", "max_new_tokens", "seed", "greedy"]
+RUN_ARGS = [
+    "model_name_or_path",
+    "lora_weights_path",
+    "merge_lora",
+    "batch_size",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "max_length",
+    "max_new_tokens",
+    "seed",
+    "greedy",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,8 +63,11 @@ RUN_ARGS = ["model_name_or_path", "lora_weights_path", "merge_lora", "batch_size
 def add_generation_args(parser):
     g = parser.add_argument_group("model and generation")
     g.add_argument("--model_name_or_path", required=True)
-    g.add_argument("--lora_weights_path", default=None,
-                   help="a PEFT adapter folder or a lora_weights.bin (adapter_config.json beside it); none: the base model")
+    g.add_argument(
+        "--lora_weights_path",
+        default=None,
+        help="a PEFT adapter folder or a lora_weights.bin (adapter_config.json beside it); none: the base model",
+    )
     g.add_argument("--merge_lora", action="store_true", help="merge the adapter into the base weights (faster)")
     g.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
     g.add_argument("--output_dir", required=True)
@@ -63,7 +78,9 @@ def add_generation_args(parser):
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature, top_k, top_p)")
     g.add_argument("--max_length", type=int, default=512, help="tokens per sequence, prompt included")
-    g.add_argument("--max_new_tokens", type=int, default=None, help="tokens generated per prompt (overrides --max_length)")
+    g.add_argument(
+        "--max_new_tokens", type=int, default=None, help="tokens generated per prompt (overrides --max_length)"
+    )
     g.add_argument("--seed", type=int, default=42)
     return parser
 
@@ -105,8 +122,10 @@ def load_generation_model(args, accelerator):
             model = load_adapter(model, args.lora_weights_path)
         except (ValueError, RuntimeError, KeyError, OSError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserInputError(f"--lora_weights_path {args.lora_weights_path}: cannot be loaded onto "
-                                 f"--model_name_or_path {args.model_name_or_path} ({first})") from None
+            raise UserInputError(
+                f"--lora_weights_path {args.lora_weights_path}: cannot be loaded onto "
+                f"--model_name_or_path {args.model_name_or_path} ({first})"
+            ) from None
         if args.merge_lora:
             model = model.merge_and_unload()
     model.config.use_cache = True
@@ -117,7 +136,9 @@ def load_generation_model(args, accelerator):
 def generation_config(args, model, tokenizer):
     base = model.generation_config
     settings = dict(
-        max_new_tokens=1, use_cache=True, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=1,
+        use_cache=True,
+        repetition_penalty=args.repetition_penalty,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=base.eos_token_id if base.eos_token_id is not None else tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -152,12 +173,13 @@ def generate_batch(model, tokenizer, prompt_ids, budgets, config):
     input_ids = torch.full((len(prompt_ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
     for k, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
-        input_ids[k, width - len(ids):] = torch.tensor(ids)
-        attention_mask[k, width - len(ids):] = 1
+        input_ids[k, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[k, width - len(ids) :] = 1
     config = copy.copy(config)
     config.max_new_tokens = max(budgets)
-    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                         generation_config=config)
+    out = model.generate(
+        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), generation_config=config
+    )
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     new = out[:, width:].cpu()
     # an answer ends at its first EOS (what follows is padding) or at its own budget
@@ -182,8 +204,13 @@ def _write_json(path, data):
 def check_run(args, prompts, script):
     """Refuse to mix runs in one output folder. Returns (the run's settings, whether it is already complete)."""
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-    run = {"script": script, "batch_order": "prompt_length", **{k: getattr(args, k) for k in RUN_ARGS},
-           "num_prompts": len(prompts), "prompts_sha256": fingerprint}
+    run = {
+        "script": script,
+        "batch_order": "prompt_length",
+        **{k: getattr(args, k) for k in RUN_ARGS},
+        "num_prompts": len(prompts),
+        "prompts_sha256": fingerprint,
+    }
     path = os.path.join(args.output_dir, RUN_FILE)
     complete = os.path.exists(os.path.join(args.output_dir, OUTPUT_FILE))
     previous = None
@@ -194,8 +221,10 @@ def check_run(args, prompts, script):
     if started and previous != run:
         diff = [k for k in run if (previous or {}).get(k) != run[k]] if previous else ["unrecorded run"]
         what = "finished" if complete else "unfinished"
-        raise UserInputError(f"--output_dir {args.output_dir}: holds the output of an {what} run with different "
-                             f"settings ({', '.join(diff)}); use another --output_dir, or the same arguments to resume")
+        raise UserInputError(
+            f"--output_dir {args.output_dir}: holds the output of an {what} run with different "
+            f"settings ({', '.join(diff)}); use another --output_dir, or the same arguments to resume"
+        )
     return run, complete
 
 
@@ -232,8 +261,10 @@ class PartWriter:
                 self.file.write(b"\n")
 
     def append(self, batch, indices, records):
-        lines = [json.dumps({"index": i, "batch": batch, "batch_size": len(indices), "attempt": self.attempt, **r})
-                 for i, r in zip(indices, records)]
+        lines = [
+            json.dumps({"index": i, "batch": batch, "batch_size": len(indices), "attempt": self.attempt, **r})
+            for i, r in zip(indices, records)
+        ]
         self.file.write(("\n".join(lines) + "\n").encode())
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -285,19 +316,27 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     mine = [b for b in range(len(starts)) if b % accelerator.num_processes == accelerator.process_index]
     todo = [b for b in mine if b not in finished]
     if finished:
-        accelerator.print(f"resuming: {sum(len(r) for r in finished.values())} of {len(prompts)} generations already done")
+        accelerator.print(
+            f"resuming: {sum(len(r) for r in finished.values())} of {len(prompts)} generations already done"
+        )
 
     size = lambda b: min(args.batch_size, len(prompts) - starts[b])  # noqa: E731
-    bar = tqdm(total=sum(size(b) for b in mine), initial=sum(size(b) for b in mine if b in finished),
-               disable=not accelerator.is_local_main_process, desc="generating", unit="prompt")
+    bar = tqdm(
+        total=sum(size(b) for b in mine),
+        initial=sum(size(b) for b in mine if b in finished),
+        disable=not accelerator.is_local_main_process,
+        desc="generating",
+        unit="prompt",
+    )
     writer = PartWriter(out_dir, accelerator.process_index)
     began, generated = time.time(), 0
     try:
         for b in todo:
-            indices = order[starts[b]:starts[b] + size(b)]
+            indices = order[starts[b] : starts[b] + size(b)]
             torch.manual_seed(args.seed + starts[b])  # per batch: independent of the process count
-            answers = generate_batch(model, tokenizer, [prompt_ids[i] for i in indices],
-                                     [budgets[i] for i in indices], config)
+            answers = generate_batch(
+                model, tokenizer, [prompt_ids[i] for i in indices], [budgets[i] for i in indices], config
+            )
             writer.append(b, indices, [{"instruction": prompts[i], "answer": a} for i, a in zip(indices, answers)])
             generated += len(indices)
             bar.update(len(indices))
@@ -309,12 +348,17 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = merge_parts(out_dir, len(prompts), len(starts))
-        _write_json(os.path.join(out_dir, INFO_FILE), {
-            "num_prompts": len(prompts), "num_processes": accelerator.num_processes,
-            "batch_size": args.batch_size, "generated_this_run_by_process_0": generated,
-            "seconds_process_0": round(elapsed, 3),
-            "prompts_per_second_process_0": round(generated / elapsed, 3) if elapsed > 0 else None,
-        })
+        _write_json(
+            os.path.join(out_dir, INFO_FILE),
+            {
+                "num_prompts": len(prompts),
+                "num_processes": accelerator.num_processes,
+                "batch_size": args.batch_size,
+                "generated_this_run_by_process_0": generated,
+                "seconds_process_0": round(elapsed, 3),
+                "prompts_per_second_process_0": round(generated / elapsed, 3) if elapsed > 0 else None,
+            },
+        )
         accelerator.print(f"wrote {len(prompts)} generations to {path}")
     accelerator.wait_for_everyone()
     return os.path.join(out_dir, OUTPUT_FILE)

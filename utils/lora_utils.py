@@ -45,8 +45,10 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     shares them, else a regex over their paths (GPT-2: attn.c_proj, but not mlp.c_proj)."""
     names = attention_linears(model)
     if not names:
-        raise UserInputError(f"no attention layers found in this {model.config.model_type} model: name the layers "
-                             f"to adapt with --lora_target_modules (its linear layers: {', '.join(_linear_leaves(model))})")
+        raise UserInputError(
+            f"no attention layers found in this {model.config.model_type} model: name the layers "
+            f"to adapt with --lora_target_modules (its linear layers: {', '.join(_linear_leaves(model))})"
+        )
     leaves = sorted({_leaf(n) for n in names})
     modules = [n for n, _ in model.named_modules()]
     if {n for n in modules if _leaf(n) in leaves} == set(names):
@@ -54,7 +56,9 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     parents = {}
     for name in names:
         parent, leaf = name.rsplit(".", 1)
-        parents.setdefault(r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in parent.split(".")), set()).add(leaf)
+        parents.setdefault(r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in parent.split(".")), set()).add(
+            leaf
+        )
     regex = "|".join(rf"{parent}\.({'|'.join(sorted(leaves))})" for parent, leaves in sorted(parents.items()))
     return regex if {n for n in modules if re.fullmatch(regex, n)} == set(names) else names
 
@@ -74,8 +78,10 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
         except re.error as err:
             raise UserInputError(f"--lora_target_modules {targets}: not a valid regex ({err})") from None
         if not found:
-            raise UserInputError(f"--lora_target_modules {targets}: the regex matches no layer of this model "
-                                 f"(layer names look like {modules[-1]})")
+            raise UserInputError(
+                f"--lora_target_modules {targets}: the regex matches no layer of this model "
+                f"(layer names look like {modules[-1]})"
+            )
         return
     leaves = sorted({_leaf(n) for n in modules if not _leaf(n).isdigit()})
     for target in targets:
@@ -95,8 +101,14 @@ def parse_target_modules(value: str | None) -> list[str] | str | None:
     return parts
 
 
-def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | str | None = None,
-             seed: int = 0) -> PeftModel:
+def add_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+    seed: int = 0,
+) -> PeftModel:
     """Wrap the model with LoRA adapters; the initialisation depends only on `seed`.
 
     target_modules: names, one regex or 'all-linear'; by default the attention linears. The
@@ -107,8 +119,9 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, targe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                bias="none", task_type="CAUSAL_LM")
+            config = LoraConfig(
+                r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+            )
             peft_model = get_peft_model(model, config)
         except (ValueError, TypeError, NotImplementedError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -143,7 +156,9 @@ def save_adapter(model: PeftModel, output_dir: str) -> None:
     layer's whole frozen vocabulary x hidden matrix (tied to the input embeddings on e.g. Gemma);
     the base model supplies it when the adapter is loaded."""
     model.save_pretrained(output_dir, safe_serialization=True, save_embedding_layers=False)
-    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    state = {
+        k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    }
     torch.save(state, os.path.join(output_dir, ADAPTER_BIN))
 
 
@@ -171,8 +186,10 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
         # PEFT elsewhere saves a targeted lm_head's frozen matrix too: not adapter weights
         saved = {k for k in load_peft_weights(folder) if not k.endswith(".base_layer.weight")}
         if loaded != saved:
-            raise ValueError(f"{path}: adapter does not match the base model "
-                             f"(missing {sorted(loaded - saved)[:3]}, unexpected {sorted(saved - loaded)[:3]})")
+            raise ValueError(
+                f"{path}: adapter does not match the base model "
+                f"(missing {sorted(loaded - saved)[:3]}, unexpected {sorted(saved - loaded)[:3]})"
+            )
         return model
     with open(config_file) as f:
         config = LoraConfig(**{k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__})
@@ -185,8 +202,9 @@ def load_adapter(base_model: nn.Module, path: str, is_trainable: bool = False) -
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
     if unexpected or missing:
-        raise ValueError(f"{path}: adapter does not match the base model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{path}: adapter does not match the base model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if not is_trainable:
         model.eval()
     return model

@@ -38,16 +38,24 @@ class Shape:
         return self.hidden // self.heads * self.kv_heads
 
 
-LLAMA_2 = {"Llama 2 7B": Shape(32000, 4096, 11008, 32, 32, 32),
-           "Llama 2 13B": Shape(32000, 5120, 13824, 40, 40, 40),
-           "Llama 2 70B": Shape(32000, 8192, 28672, 80, 64, 8)}
+LLAMA_2 = {
+    "Llama 2 7B": Shape(32000, 4096, 11008, 32, 32, 32),
+    "Llama 2 13B": Shape(32000, 5120, 13824, 40, 40, 40),
+    "Llama 2 70B": Shape(32000, 8192, 28672, 80, 64, 8),
+}
 
 
 def shape_of(config):
     """The Shape of a transformers Llama-like config."""
-    return Shape(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                 config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                 bool(getattr(config, "tie_word_embeddings", False)))
+    return Shape(
+        config.vocab_size,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        bool(getattr(config, "tie_word_embeddings", False)),
+    )
 
 
 def parameter_counts(s):
@@ -56,8 +64,13 @@ def parameter_counts(s):
     layer = layer_linear + 2 * h  # two RMSNorms
     embed = s.vocab * h
     head = 0 if s.tied else embed
-    return {"layer_linear": layer_linear, "layer": layer, "embed": embed, "head": head,
-            "total": s.layers * layer + embed + head + h}
+    return {
+        "layer_linear": layer_linear,
+        "layer": layer,
+        "embed": embed,
+        "head": head,
+        "total": s.layers * layer + embed + head + h,
+    }
 
 
 def lora_parameter_count(s, r=16):
@@ -85,8 +98,19 @@ def _activation_bytes(s, tokens, compute_bytes, gradient_ckpt):
     return tokens * s.layers * per_token_layer
 
 
-def predict(shape, processes, *, fsdp=True, base_dtype="bfloat16", compute_bytes=2, micro_batch=4, block_size=512,
-            lora_r=16, gradient_ckpt=True, fixed_bytes=0):
+def predict(
+    shape,
+    processes,
+    *,
+    fsdp=True,
+    base_dtype="bfloat16",
+    compute_bytes=2,
+    micro_batch=4,
+    block_size=512,
+    lora_r=16,
+    gradient_ckpt=True,
+    fixed_bytes=0,
+):
     """Bytes per process, by term (module docstring) and in total. base_dtype: float32, bfloat16 or
     nf4 (4-bit bases are never sharded: FSDP cannot shard bitsandbytes' weights)."""
     counts = parameter_counts(shape)
@@ -113,14 +137,23 @@ def readme_table(micro_batch=4, block_size=512, lora_r=16, processes=(1, 8, 64))
     """The README's table: GiB per process, total (and the base's share), bf16 sharded with FSDP
     over more than one process, 4-bit whole on each; fixed costs (CUDA context, about 1 GiB) not
     included."""
-    rows = ["| model | base | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in processes) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in processes) + " |"]
+    rows = [
+        "| model | base | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in processes) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in processes) + " |",
+    ]
     for name, shape in LLAMA_2.items():
         for label, dtype in (("bf16 (FSDP)", "bfloat16"), ("4-bit NF4", "nf4")):
             cells = []
             for n in processes:
-                terms = predict(shape, n, fsdp=n > 1, base_dtype=dtype, micro_batch=micro_batch,
-                                block_size=block_size, lora_r=lora_r)
+                terms = predict(
+                    shape,
+                    n,
+                    fsdp=n > 1,
+                    base_dtype=dtype,
+                    micro_batch=micro_batch,
+                    block_size=block_size,
+                    lora_r=lora_r,
+                )
                 cells.append(f"{terms['total'] / 2**30:.1f} ({terms['base'] / 2**30:.1f})")
             rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -23,9 +23,11 @@ def build_model(args, accelerator, token, say=print):
     fsdp = fsdp_requested(args.fsdp, accelerator)
     four_bit = getattr(args, "load_in_4bit", False)
     if four_bit and fsdp:
-        raise UserInputError("--load_in_4bit with FSDP: FSDP cannot shard bitsandbytes' 4-bit weights; use a data "
-                             "parallel config (accelerate_configs/accelerate_config_nofsdp.cfg), where every "
-                             "process holds the whole 4-bit base (README: memory per GPU)")
+        raise UserInputError(
+            "--load_in_4bit with FSDP: FSDP cannot shard bitsandbytes' 4-bit weights; use a data "
+            "parallel config (accelerate_configs/accelerate_config_nofsdp.cfg), where every "
+            "process holds the whole 4-bit base (README: memory per GPU)"
+        )
     entries = folder = None
     if four_bit:
         model = load_model_4bit(args.model_name_or_path, accelerator.mixed_precision, token, accelerator.device)
@@ -43,14 +45,22 @@ def build_model(args, accelerator, token, say=print):
     if args.gradient_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with cpu_stand_ins(model):
-        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
-                         parse_target_modules(args.lora_target_modules), seed=args.seed)
+        model = add_lora(
+            model,
+            args.lora_r,
+            args.lora_alpha,
+            args.lora_dropout,
+            parse_target_modules(args.lora_target_modules),
+            seed=args.seed,
+        )
     say(lora_summary(model))
     if fsdp:  # frozen base sharded, LoRA replicated (docs/DESIGN.md 2.9)
         shard_frozen_base(model, accelerator.device, accelerator)
         read = load_local_shards(model, entries, folder, accelerator.device)
-        say(f"sharded loading: process 0 read {read['bytes_read'] / 2**20:,.1f} MiB of the "
-            f"{read['checkpoint_bytes'] / 2**20:,.1f} MiB base (its shards only)")
+        say(
+            f"sharded loading: process 0 read {read['bytes_read'] / 2**20:,.1f} MiB of the "
+            f"{read['checkpoint_bytes'] / 2**20:,.1f} MiB base (its shards only)"
+        )
     elif not four_bit:  # bitsandbytes placed the 4-bit base while quantising it
         model.to(accelerator.device)
     return model

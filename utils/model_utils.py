@@ -58,8 +58,12 @@ def bnb_4bit_config(compute_dtype=torch.bfloat16):
     """QLoRA's quantisation: NF4 weights with double quantisation, products in `compute_dtype`."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def check_4bit_backend(device):
@@ -74,8 +78,10 @@ def check_4bit_backend(device):
         layer = layer.to(device)
         layer(torch.ones(1, 64, device=device, dtype=torch.bfloat16))
     except Exception as err:  # the backends raise many types: all mean "cannot run here"
-        raise UserInputError(f"--load_in_4bit: bitsandbytes {bnb.__version__} cannot run 4-bit layers on "
-                             f"{torch.device(device).type} ({_first_line(err)})") from None
+        raise UserInputError(
+            f"--load_in_4bit: bitsandbytes {bnb.__version__} cannot run 4-bit layers on "
+            f"{torch.device(device).type} ({_first_line(err)})"
+        ) from None
 
 
 def load_model_4bit(name, mixed_precision="no", token=None, device="cpu"):
@@ -85,9 +91,13 @@ def load_model_4bit(name, mixed_precision="no", token=None, device="cpu"):
     check_model_path(name)
     check_4bit_backend(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=PRECISION_DTYPES[mixed_precision], token=token,
-                                                     quantization_config=bnb_4bit_config(),
-                                                     device_map={"": torch.device(device)})
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=PRECISION_DTYPES[mixed_precision],
+            token=token,
+            quantization_config=bnb_4bit_config(),
+            device_map={"": torch.device(device)},
+        )
     except (OSError, ValueError, ImportError) as err:
         why = _first_line(err)
         raise UserInputError(f"--model_name_or_path {name}: cannot load the model in 4 bits ({why})") from None
@@ -107,8 +117,11 @@ def disable_base_dropout(model: torch.nn.Module) -> dict[str, float]:
     dropout). Under DP dropout costs utility (Li et al. 2022) and makes a step impossible to check
     against a reference. Call before adding LoRA (its own dropout stays). Returns {config rate: old
     value} for the rates that were not 0."""
-    was = {k: v for k, v in model.config.to_dict().items()
-           if k.endswith(("dropout", "pdrop")) and isinstance(v, float) and v > 0}
+    was = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k.endswith(("dropout", "pdrop")) and isinstance(v, float) and v > 0
+    }
     for key in was:
         setattr(model.config, key, 0.0)
     for module in model.modules():

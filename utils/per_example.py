@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from utils.cli import UserInputError
 
 
-
-
 def accumulation_dtype(dtype):
     """float32 products even under bf16/fp16 autocast; float64 stays float64 (tests)."""
     return torch.promote_types(dtype, torch.float32)
@@ -116,12 +114,13 @@ class PerExampleGradStore:
             raise UserInputError(
                 f"LoRA layer {name} gets input of shape {list(x.shape)} in a micro-batch of {self.records} records, "
                 "not [records, tokens, features]: its gradients would be clipped per token, not per record (an MoE "
-                "expert, router or shared expert runs on flattened tokens); leave it out of --lora_target_modules")
+                "expert, router or shared expert runs on flattened tokens); leave it out of --lora_target_modules"
+            )
 
     def view(self, flat, param, compute_layout=False):
         """param's slice of a [P] or [n, P] tensor, shaped like the parameter (or its compute layout)."""
         offset, numel, transposed = self.layout[param]
-        part = flat[..., offset:offset + numel]
+        part = flat[..., offset : offset + numel]
         shape = param.shape[::-1] if transposed else param.shape
         part = part.unflatten(-1, shape)
         return part if compute_layout or not transposed else part.transpose(-1, -2)
@@ -172,8 +171,12 @@ def trainable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if type(module) not in PER_EXAMPLE_FORWARDS or has_trainable_bias:
             # e.g. LoRA on an embedding (its A and B live in ParameterDicts): name the adapted layer
             owner = by_name.get(re.sub(r"\.lora_[A-Za-z_]+$", "", name))
-            kind = type(getattr(owner, "base_layer", module)).__name__ + (" with a trainable bias" if has_trainable_bias else "")
-            raise UserInputError(f"no per-example gradient rule for the trainable layer {_layer_name(name)} ({kind}): "
-                                 "DP training adapts linear layers only; leave it out of --lora_target_modules")
+            kind = type(getattr(owner, "base_layer", module)).__name__ + (
+                " with a trainable bias" if has_trainable_bias else ""
+            )
+            raise UserInputError(
+                f"no per-example gradient rule for the trainable layer {_layer_name(name)} ({kind}): "
+                "DP training adapts linear layers only; leave it out of --lora_target_modules"
+            )
         modules.append((_layer_name(name), module))
     return modules

@@ -16,8 +16,14 @@ import argparse
 import dataclasses
 import math
 
-from utils.accounting import (ACCOUNTANTS, PrivacyAccountant, check_delta, compute_epsilon_rdp,
-                              effective_noise_multiplier, noise_multiplier_for_epsilon)
+from utils.accounting import (
+    ACCOUNTANTS,
+    PrivacyAccountant,
+    check_delta,
+    compute_epsilon_rdp,
+    effective_noise_multiplier,
+    noise_multiplier_for_epsilon,
+)
 from utils.cli import UserInputError
 from utils.sampling import SAMPLERS
 
@@ -35,24 +41,50 @@ def add_privacy_args(parser: argparse.ArgumentParser):
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--clip_norm", type=float, default=1.0, help="per-example clipping norm C (<0: non-private)")
     privacy.add_argument("--noise_multiplier", type=float, default=None, help="sigma of the gradient (<0: non-private)")
-    privacy.add_argument("--target_epsilon", type=float, default=None, help="solve sigma for this epsilon over the planned steps")
+    privacy.add_argument(
+        "--target_epsilon", type=float, default=None, help="solve sigma for this epsilon over the planned steps"
+    )
     privacy.add_argument("--delta", type=float, default=1e-7)
-    privacy.add_argument("--accountant", choices=sorted(ACCOUNTANTS), default="pld",
-                         help="pld: dp-accounting's privacy loss distribution (tight upper bound)")
-    privacy.add_argument("--neighboring_relation", choices=["add_remove", "replace_one"], default="add_remove",
-                         help="the relation --target_epsilon and the budget guard use (both epsilons are reported)")
-    privacy.add_argument("--sampling", choices=sorted(SAMPLERS), default="poisson",
-                         help="poisson: the accounted mechanism; shuffle: fixed-size batches (epsilon then assumes Poisson)")
-    privacy.add_argument("--train_loss", choices=TRAIN_LOSS_MODES, default="private",
-                         help="training loss in the release: a DP estimate (private), none (off), or exact "
-                              f"(curator-only debugging: written to {EXACT_LOG_FILE}, not covered by epsilon)")
-    privacy.add_argument("--loss_clip", type=float, default=None,
-                         help="per-record loss bound L of the private loss (default: ln(vocabulary size), the "
-                              "loss of a uniform guess)")
-    privacy.add_argument("--secure_noise", action="store_true",
-                         help="noise from the OS's cryptographic generator, each value a sum of four draws "
-                              "(floating-point attack mitigation)")
-    privacy.add_argument("--insecure_dp_seed", type=int, default=None, help="TESTING ONLY: reproducible sampling and noise")
+    privacy.add_argument(
+        "--accountant",
+        choices=sorted(ACCOUNTANTS),
+        default="pld",
+        help="pld: dp-accounting's privacy loss distribution (tight upper bound)",
+    )
+    privacy.add_argument(
+        "--neighboring_relation",
+        choices=["add_remove", "replace_one"],
+        default="add_remove",
+        help="the relation --target_epsilon and the budget guard use (both epsilons are reported)",
+    )
+    privacy.add_argument(
+        "--sampling",
+        choices=sorted(SAMPLERS),
+        default="poisson",
+        help="poisson: the accounted mechanism; shuffle: fixed-size batches (epsilon then assumes Poisson)",
+    )
+    privacy.add_argument(
+        "--train_loss",
+        choices=TRAIN_LOSS_MODES,
+        default="private",
+        help="training loss in the release: a DP estimate (private), none (off), or exact "
+        f"(curator-only debugging: written to {EXACT_LOG_FILE}, not covered by epsilon)",
+    )
+    privacy.add_argument(
+        "--loss_clip",
+        type=float,
+        default=None,
+        help="per-record loss bound L of the private loss (default: ln(vocabulary size), the loss of a uniform guess)",
+    )
+    privacy.add_argument(
+        "--secure_noise",
+        action="store_true",
+        help="noise from the OS's cryptographic generator, each value a sum of four draws "
+        "(floating-point attack mitigation)",
+    )
+    privacy.add_argument(
+        "--insecure_dp_seed", type=int, default=None, help="TESTING ONLY: reproducible sampling and noise"
+    )
     return privacy
 
 
@@ -62,7 +94,9 @@ def validate_privacy_args(args: argparse.Namespace) -> None:
     if args.target_epsilon is not None and args.clip_norm <= 0:
         raise UserInputError("--target_epsilon needs --clip_norm > 0")
     if args.target_epsilon is None and args.noise_multiplier is None:
-        raise UserInputError("give --noise_multiplier or --target_epsilon (or --clip_norm -1 --noise_multiplier -1 for non-private)")
+        raise UserInputError(
+            "give --noise_multiplier or --target_epsilon (or --clip_norm -1 --noise_multiplier -1 for non-private)"
+        )
     if (args.clip_norm < 0) != (args.noise_multiplier is not None and args.noise_multiplier < 0):
         raise UserInputError("non-private mode needs both --clip_norm -1 and --noise_multiplier -1")
     if not (args.clip_norm > 0 or args.clip_norm < 0):  # 0 (or NaN) would silently train without privacy
@@ -118,14 +152,21 @@ class PrivacyPlan:
 
     def plan_line(self) -> str:
         if not self.private:
-            return f"non-private training: epsilon = infinity ({self.steps} steps, expected batch {self.expected_batch_size})"
+            batch = self.expected_batch_size
+            return f"non-private training: epsilon = infinity ({self.steps} steps, expected batch {batch})"
         a = self.args
-        loss = (f", loss sigma {self.loss_noise_multiplier:.4g} at L {self.loss_clip:.3g}, effective sigma "
-                f"{self.effective_noise_multiplier:.4g}" if self.loss_noise_multiplier is not None else "")
-        line = (f"privacy plan: epsilon {self.epsilon(self.steps):.4g} ({a.neighboring_relation}; replace-one "
-                f"{self.epsilon(self.steps, 'replace_one'):.4g}) at delta {a.delta:g} (sigma "
-                f"{self.noise_multiplier:.4g}{loss}, q {self.sampling_rate:.4g}, {self.steps} steps, expected batch "
-                f"{self.expected_batch_size} {self.unit_name}, {a.sampling} sampling)")
+        loss = (
+            f", loss sigma {self.loss_noise_multiplier:.4g} at L {self.loss_clip:.3g}, effective sigma "
+            f"{self.effective_noise_multiplier:.4g}"
+            if self.loss_noise_multiplier is not None
+            else ""
+        )
+        line = (
+            f"privacy plan: epsilon {self.epsilon(self.steps):.4g} ({a.neighboring_relation}; replace-one "
+            f"{self.epsilon(self.steps, 'replace_one'):.4g}) at delta {a.delta:g} (sigma "
+            f"{self.noise_multiplier:.4g}{loss}, q {self.sampling_rate:.4g}, {self.steps} steps, expected batch "
+            f"{self.expected_batch_size} {self.unit_name}, {a.sampling} sampling)"
+        )
         return line + (f"\nnote: {self.caveat}" if self.caveat else "")
 
     def report(self, steps: int, num_processes: int) -> dict:
@@ -136,7 +177,8 @@ class PrivacyPlan:
             "epsilon_replace_one": self.epsilon(steps, "replace_one"),
             "neighboring_relation": a.neighboring_relation,
             "epsilon_rdp": compute_epsilon_rdp(self.effective_noise_multiplier, self.sampling_rate, steps, a.delta)
-            if private else None,
+            if private
+            else None,
             "delta": a.delta if private else None,
             "noise_multiplier": self.noise_multiplier if private else None,
             "loss_noise_multiplier": self.loss_noise_multiplier,
@@ -179,22 +221,37 @@ def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: floa
     planned = args.max_train_steps if args.max_train_steps is not None else sampler.planned_steps(args.num_train_epochs)
     train_loss = args.train_loss if private else "exact"  # nothing is private without clipping and noise
     loss_clip = (args.loss_clip or default_loss_clip) if train_loss == "private" else None
-    plan = PrivacyPlan(private, args.noise_multiplier, None, loss_clip, train_loss, planned, sampling_rate,
-                       expected_batch_size, dataset_size, args, sampler.caveat)
+    plan = PrivacyPlan(
+        private,
+        args.noise_multiplier,
+        None,
+        loss_clip,
+        train_loss,
+        planned,
+        sampling_rate,
+        expected_batch_size,
+        dataset_size,
+        args,
+        sampler.caveat,
+    )
     if not private:
         return plan
     try:
         check_delta(args.delta, dataset_size, plan.unit_name)
         if args.target_epsilon is not None:
-            effective = noise_multiplier_for_epsilon(args.target_epsilon, sampling_rate, planned, args.delta,
-                                                     args.neighboring_relation, args.accountant)
-            plan.noise_multiplier = effective * math.sqrt(1 + LOSS_NOISE_RATIO ** -2) if train_loss == "private" else effective
+            effective = noise_multiplier_for_epsilon(
+                args.target_epsilon, sampling_rate, planned, args.delta, args.neighboring_relation, args.accountant
+            )
+            plan.noise_multiplier = (
+                effective * math.sqrt(1 + LOSS_NOISE_RATIO**-2) if train_loss == "private" else effective
+            )
     except ValueError as err:
         raise UserInputError(str(err)) from None
     if train_loss == "private":
         plan.loss_noise_multiplier = LOSS_NOISE_RATIO * plan.noise_multiplier
-    plan.accountant = PrivacyAccountant(plan.effective_noise_multiplier, sampling_rate, args.delta,
-                                        args.neighboring_relation, args.accountant)
+    plan.accountant = PrivacyAccountant(
+        plan.effective_noise_multiplier, sampling_rate, args.delta, args.neighboring_relation, args.accountant
+    )
     if args.target_epsilon is not None:  # defence in depth: never step past the budget
         allowed = plan.accountant.steps_within(args.target_epsilon, planned)
         if allowed < planned:
@@ -203,6 +260,8 @@ def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: floa
     if plan.noise_multiplier == 0:
         say("warning: --noise_multiplier 0 clips without noise: epsilon is infinite")
     if train_loss == "exact":
-        say(f"warning: --train_loss exact releases exact training losses, which epsilon does not cover: they go to "
-            f"{EXACT_LOG_FILE} (for the data curator only; never publish it)")
+        say(
+            f"warning: --train_loss exact releases exact training losses, which epsilon does not cover: they go to "
+            f"{EXACT_LOG_FILE} (for the data curator only; never publish it)"
+        )
     return plan

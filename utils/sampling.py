@@ -13,8 +13,10 @@ import math
 
 import torch
 
-SHUFFLE_CAVEAT = ("epsilon is computed for Poisson sampling; this run used shuffled fixed-size batches, "
-                  "for which it is not a proven guarantee")
+SHUFFLE_CAVEAT = (
+    "epsilon is computed for Poisson sampling; this run used shuffled fixed-size batches, "
+    "for which it is not a proven guarantee"
+)
 
 
 class StepSampler:
@@ -28,8 +30,15 @@ class StepSampler:
     name = None
     caveat = None
 
-    def __init__(self, dataset_size: int, per_device_batch_size: int, accumulation_steps: int, num_processes: int,
-                 process_index: int, randomness):
+    def __init__(
+        self,
+        dataset_size: int,
+        per_device_batch_size: int,
+        accumulation_steps: int,
+        num_processes: int,
+        process_index: int,
+        randomness,
+    ):
         self.n = dataset_size
         self.per_device = per_device_batch_size
         self.accumulation_steps = accumulation_steps
@@ -49,10 +58,10 @@ class StepSampler:
     def micro_batches(self, step: int) -> list:
         """This process's micro-batches for `step`: lists of record indices (possibly empty)."""
         chosen = self.step_indices(step)
-        share = chosen[self.process_index::self.num_processes]
+        share = chosen[self.process_index :: self.num_processes]
         largest_share = math.ceil(len(chosen) / self.num_processes)
         count = max(self.accumulation_steps, math.ceil(largest_share / self.per_device))
-        return [share[i * self.per_device:(i + 1) * self.per_device] for i in range(count)]
+        return [share[i * self.per_device : (i + 1) * self.per_device] for i in range(count)]
 
 
 class PoissonSampler(StepSampler):
@@ -86,7 +95,7 @@ class ShuffleSampler(StepSampler):
     def step_indices(self, step):
         epoch, k = divmod(step, self._per_epoch())
         perm = torch.randperm(self.n, generator=self.randomness.generator("shuffle", epoch)).tolist()
-        return perm[k * self.expected_batch_size:(k + 1) * self.expected_batch_size]
+        return perm[k * self.expected_batch_size : (k + 1) * self.expected_batch_size]
 
 
 class UnitPoissonSampler(PoissonSampler):
@@ -98,10 +107,19 @@ class UnitPoissonSampler(PoissonSampler):
 
     name = "poisson_units"
 
-    def __init__(self, units: list, per_device_batch_size: int, accumulation_steps: int, num_processes: int,
-                 process_index: int, randomness, max_records: int):
-        super().__init__(len(units), per_device_batch_size, accumulation_steps, num_processes, process_index,
-                         randomness)
+    def __init__(
+        self,
+        units: list,
+        per_device_batch_size: int,
+        accumulation_steps: int,
+        num_processes: int,
+        process_index: int,
+        randomness,
+        max_records: int,
+    ):
+        super().__init__(
+            len(units), per_device_batch_size, accumulation_steps, num_processes, process_index, randomness
+        )
         self.units, self.max_records = units, max_records
 
     def step_indices(self, step):
@@ -113,7 +131,7 @@ class UnitPoissonSampler(PoissonSampler):
         if len(records) <= self.max_records:
             return records
         gen = self.randomness.generator(f"unit_records:{unit}", step)
-        return [records[i] for i in sorted(torch.randperm(len(records), generator=gen)[:self.max_records].tolist())]
+        return [records[i] for i in sorted(torch.randperm(len(records), generator=gen)[: self.max_records].tolist())]
 
     def records_beyond_cap(self):
         """Records that no single step can use (an exact statistic of the data: console only)."""

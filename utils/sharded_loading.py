@@ -32,14 +32,26 @@ from utils.data_utils import UserInputError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CHUNK_BYTES = 64 * 2**20  # staging buffer when the dtype or the device differs from the file's
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @dataclass
 class Entry:
     """One tensor of a safetensors file: where its bytes are."""
+
     path: str
     dtype: torch.dtype
     shape: tuple
@@ -92,16 +104,18 @@ def open_checkpoint(folder):
     elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
         weight_map = None
     else:
-        raise UserInputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; sharded loading (FSDP) reads "
-                             "safetensors checkpoints only")
+        raise UserInputError(
+            f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; sharded loading (FSDP) reads safetensors checkpoints only"
+        )
     files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
     entries = {}
     for file in files:
         entries.update(_read_header(os.path.join(folder, file)))
     for name, file in (weight_map or {}).items():
         if name not in entries or os.path.basename(entries[name].path) != file:
-            raise UserInputError(f"{os.path.join(folder, file)}: safetensors shard does not hold {name}, "
-                                 f"which {INDEX_FILE} says it does")
+            raise UserInputError(
+                f"{os.path.join(folder, file)}: safetensors shard does not hold {name}, which {INDEX_FILE} says it does"
+            )
     return entries
 
 
@@ -124,8 +138,10 @@ def find_entry(entries, names, folder):
     for name in names:
         if name in entries:
             return name, entries[name]
-    raise UserInputError(f"{folder}: the checkpoint has no tensor {names[0]}, which the model needs "
-                         "(a shard missing from the index, or files of another model)")
+    raise UserInputError(
+        f"{folder}: the checkpoint has no tensor {names[0]}, which the model needs "
+        "(a shard missing from the index, or files of another model)"
+    )
 
 
 def check_checkpoint(entries, model, folder):
@@ -134,8 +150,9 @@ def check_checkpoint(entries, model, folder):
     for p, names in _aliases(model, frozen_only=False):
         name, entry = find_entry(entries, names, folder)
         if entry.shape != tuple(p.shape):
-            raise UserInputError(f"{entry.path}: tensor {name} has shape {list(entry.shape)}, the model's config "
-                                 f"gives {list(p.shape)}")
+            raise UserInputError(
+                f"{entry.path}: tensor {name} has shape {list(entry.shape)}, the model's config gives {list(p.shape)}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +190,9 @@ def cpu_stand_ins(model):
     for module in model.modules():
         weight = module._parameters.get("weight")
         if weight is not None and weight.is_meta:
-            module.weight = nn.Parameter(torch.empty((), dtype=weight.dtype).expand(weight.shape),
-                                         requires_grad=weight.requires_grad)
+            module.weight = nn.Parameter(
+                torch.empty((), dtype=weight.dtype).expand(weight.shape), requires_grad=weight.requires_grad
+            )
             swapped.append((module, weight))
     try:
         yield
@@ -193,6 +211,7 @@ def _materialize(model, device):
     """Allocate the meta parameters (FSDP: only this process's shard of each) on `device`;
     `to_empty` would also blank the tensors that hold values already (LoRA, buffers): they are
     kept aside and copied back."""
+
     def tensors():
         yield from model.named_parameters(remove_duplicate=False)
         yield from model.named_buffers(remove_duplicate=False)

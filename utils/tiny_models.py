@@ -9,8 +9,23 @@ import torch
 def local_sentences(limit: int = 400) -> list[str]:
     """Real English text available offline: sentences of standard-library docstrings."""
     out, seen = [], set()
-    for name in ["json", "argparse", "collections", "functools", "itertools", "os", "re", "string",
-                 "textwrap", "threading", "logging", "pathlib", "shutil", "subprocess", "random"]:
+    for name in [
+        "json",
+        "argparse",
+        "collections",
+        "functools",
+        "itertools",
+        "os",
+        "re",
+        "string",
+        "textwrap",
+        "threading",
+        "logging",
+        "pathlib",
+        "shutil",
+        "subprocess",
+        "random",
+    ]:
         module = __import__(name)
         for obj in [module] + [getattr(module, a) for a in dir(module) if not a.startswith("_")]:
             doc = pydoc.getdoc(obj) if callable(obj) or obj is module else ""
@@ -30,8 +45,9 @@ def train_tokenizer(folder: str, add_bos: bool):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(local_sentences(), trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
@@ -40,17 +56,33 @@ def train_tokenizer(folder: str, add_bos: bool):
     return fast
 
 
-def random_llama(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, num_key_value_heads: int, max_position_embeddings: int = 256,
-                 dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, **config):
+def random_llama(
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    max_position_embeddings: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int = 0,
+    **config,
+):
     """A randomly initialised Llama of the given shape (untied embeddings unless config says so),
     built directly on `device`; its weights depend only on `seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                         num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-                         **{"tie_word_embeddings": False, **config})
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        **{"tie_word_embeddings": False, **config},
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -65,13 +97,31 @@ def build_tiny_model(folder: str, kind: str = "llama", dtype: torch.dtype = torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "llama":
-            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 bos_token_id=0, eos_token_id=1)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                bos_token_id=0,
+                eos_token_id=1,
+            )
             model = LlamaForCausalLM(config)
         else:
-            config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            config = GPT2Config(
+                vocab_size=len(tokenizer),
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                bos_token_id=0,
+                eos_token_id=1,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
             model = GPT2LMHeadModel(config)
     model.to(dtype).save_pretrained(folder)
     return folder

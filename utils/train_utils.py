@@ -24,6 +24,7 @@ def forward_losses(model: torch.nn.Module, batch: dict, accelerator) -> tuple[to
 def train_logical_step(model: torch.nn.Module, micro_batches: list, collator, dp_gradient, accelerator, step: int):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
     in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
+
     def forward(micro_batch):
         indices, units = records_and_units(micro_batch)
         losses, counts = forward_losses(model, _to_device(collator(indices), accelerator.device), accelerator)
@@ -79,15 +80,22 @@ def build_optimizer(params: list, args, total_steps: int):
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.0, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=max(total_steps, 1))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=max(total_steps, 1),
+    )
     return optimizer, scheduler
 
 
 def tracker_config(args) -> dict:
     """The run's arguments for the tracker: public configuration, the access token left out."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
-            if k != "access_token"}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, v in vars(args).items()
+        if k != "access_token"
+    }
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,7 +115,7 @@ def evaluate(model: torch.nn.Module, dataset, collator, batch_size: int, acceler
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     rounds = math.ceil(math.ceil(len(dataset) / accelerator.num_processes) / batch_size)
     for k in range(rounds):  # the same count on every process (FSDP gathers are collective)
-        batch = _to_device(collator(indices[k * batch_size:(k + 1) * batch_size]), accelerator.device)
+        batch = _to_device(collator(indices[k * batch_size : (k + 1) * batch_size]), accelerator.device)
         losses, counts = forward_losses(model, batch, accelerator)
         totals[0] += (losses.double() * counts).sum().cpu()
         totals[1] += counts.sum().cpu()
