@@ -18,9 +18,9 @@ import itertools
 import torch
 from accelerate import Accelerator
 
-from utils.data_utils import UserInputError, load_pubmed, load_records_file
+from utils.cli import UserInputError, run_cli
+from utils.data_utils import load_pubmed, load_records_file
 from utils.generation_utils import add_generation_args, run_generation, validate_generation_args
-from utils.model_utils import run_cli
 
 
 def parse_args(argv=None):

@@ -16,9 +16,8 @@ import re
 import torch
 from accelerate import Accelerator
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError, run_cli
 from utils.generation_utils import add_generation_args, run_generation, validate_generation_args
-from utils.model_utils import run_cli
 
 LINE = re.compile(r"^(?P<instruction>.*?)\s*####\s*(?P<count>[0-9]+)\s*$")
 

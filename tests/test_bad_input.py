@@ -16,7 +16,8 @@ import pytest
 from conftest import ROOT, write_records
 
 import train_clm
-from utils.data_utils import UserInputError, load_raw_datasets
+from utils.cli import UserInputError
+from utils.data_utils import load_raw_datasets
 
 FINISHED = {
     "adapter_model.safetensors",

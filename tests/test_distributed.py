@@ -215,7 +215,7 @@ def test_fsdp_accelerate_config_on_cpu_shards_and_equals_unsharded(run_setup):
 def test_fsdp_flag_without_a_launcher_is_a_clear_error():
     from accelerate import Accelerator
 
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
     from utils.fsdp_utils import fsdp_requested
 
     accelerator = Accelerator(cpu=True)

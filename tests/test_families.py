@@ -16,7 +16,7 @@ from test_dp_utils import RECORDS, batch_of, brute_force_grads, loss_of
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import train_clm
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError, run_cli
 from utils.dp_utils import DPGradient
 from utils.lora_utils import (
     add_lora,
@@ -26,7 +26,7 @@ from utils.lora_utils import (
     randomise_lora_b,
     save_adapter,
 )
-from utils.model_utils import disable_base_dropout, run_cli
+from utils.model_utils import disable_base_dropout
 
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 GPT2_REGEX = r"transformer\.h\.\d+\.attn\.(c_attn|c_proj)"  # attn.c_proj, not mlp.c_proj

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import inference_generation_dataset
 import inference_generation_instruction
 import train_clm
-from utils.data_utils import UserInputError, encode_prompt, load_records_file
+from utils.cli import UserInputError
+from utils.data_utils import encode_prompt, load_records_file
 from utils.generation_utils import load_generation_model
 from utils.lora_utils import add_lora, save_adapter
 

@@ -135,7 +135,7 @@ def _args(**kw):
 def test_without_bitsandbytes_the_error_says_how_to_install_it(tiny_llama, monkeypatch):
     from accelerate import Accelerator
 
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
     from utils.model_setup import build_model
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
@@ -148,7 +148,7 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it(tiny_llama, monke
 def test_a_backend_that_cannot_run_4bit_is_a_clear_error(monkeypatch):
     import bitsandbytes
 
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
     from utils.model_utils import check_4bit_backend
 
     def broken(*args, **kwargs):
@@ -163,7 +163,7 @@ def test_4bit_with_fsdp_is_refused(tiny_llama, monkeypatch):
     from accelerate import Accelerator
 
     import utils.model_setup as model_setup
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
 
     monkeypatch.setattr(model_setup, "fsdp_requested", lambda flag, accelerator: True)
     with pytest.raises(UserInputError, match="--load_in_4bit with FSDP.*accelerate_config_nofsdp.cfg"):

@@ -289,7 +289,7 @@ def _stale_index(folder, shard, index):
     ],
 )
 def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, damage, message):
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
     from utils.sharded_loading import empty_model
 
     folder, shard, name = _broken(checkpoint, tmp_path, damage)
@@ -327,7 +327,7 @@ def test_broken_shard_under_torchrun_exits_2_with_one_line(checkpoint, tmp_path)
 
 
 def test_bin_only_checkpoint_is_refused(tiny_llama, tmp_path):
-    from utils.data_utils import UserInputError
+    from utils.cli import UserInputError
     from utils.sharded_loading import open_checkpoint
 
     with pytest.raises(UserInputError, match="safetensors checkpoints only"):

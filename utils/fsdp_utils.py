@@ -16,7 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError
+from utils.dist_utils import distributed, world_size
 
 
 def fsdp_requested(flag, accelerator):
@@ -29,7 +30,7 @@ def fsdp_requested(flag, accelerator):
         or accelerator.distributed_type == DistributedType.FSDP
         or (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1)
     )
-    if requested and not (dist.is_available() and dist.is_initialized()):
+    if requested and not distributed():
         raise UserInputError("--fsdp needs a process group: start the script with `accelerate launch` or `torchrun`")
     return requested
 
@@ -68,7 +69,7 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
     Needs an initialised process group (accelerate launch, torchrun). The model may sit on the CPU
     (FSDP moves one layer at a time to `device` and keeps this process's shard) or on the meta
     device (utils/sharded_loading.py then allocates and reads the shards). Returns the model."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         raise RuntimeError("FSDP needs a process group: start the script with `accelerate launch` or `torchrun`")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -144,7 +145,7 @@ def replica_checksum(params):
 
 def assert_replicas_agree(params, step=None):
     """All-gather the checksum of the trainable parameters; raise if any process differs."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     mine = replica_checksum(params)
     if dist.get_backend() == "nccl":

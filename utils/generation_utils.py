@@ -29,7 +29,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from utils.data_utils import UserInputError, encode_prompt
+from utils.cli import UserInputError
+from utils.data_utils import encode_prompt
+from utils.io_utils import write_json, write_text
 from utils.lora_utils import load_adapter
 from utils.model_utils import access_token, context_length, load_model, load_tokenizer
 
@@ -194,13 +196,6 @@ def generate_batch(model, tokenizer, prompt_ids, budgets, config):
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_json(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def check_run(args, prompts, script):
     """Refuse to mix runs in one output folder. Returns (the run's settings, whether it is already complete)."""
     fingerprint = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
@@ -281,13 +276,7 @@ def merge_parts(output_dir, num_prompts, num_batches):
     records = sorted(row for rows in finished.values() for row in rows)
     assert [i for i, _ in records] == list(range(num_prompts))
     path = os.path.join(output_dir, OUTPUT_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for _, record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for _, record in records))
     for part in glob.glob(os.path.join(output_dir, PART_PATTERN)):
         os.remove(part)
     return path
@@ -306,7 +295,7 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     config = generation_config(args, model, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     if accelerator.is_main_process:  # recorded once the inputs are known to be good
-        _write_json(os.path.join(out_dir, RUN_FILE), run)
+        write_json(os.path.join(out_dir, RUN_FILE), run)
     # batches of prompts of similar length pad less; the order depends on the prompts alone, so
     # every process and every resumed attempt forms the same batches
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
@@ -348,7 +337,7 @@ def generate_to_file(prompts, run, model, tokenizer, args, accelerator):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = merge_parts(out_dir, len(prompts), len(starts))
-        _write_json(
+        write_json(
             os.path.join(out_dir, INFO_FILE),
             {
                 "num_prompts": len(prompts),

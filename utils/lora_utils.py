@@ -13,7 +13,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights
 from transformers.pytorch_utils import Conv1D
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError
 
 ADAPTER_BIN = "lora_weights.bin"
 

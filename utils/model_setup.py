@@ -10,7 +10,7 @@ In all three the LoRA parameters are float32, initialised from --seed alone (so 
 process), and never managed by FSDP.
 """
 
-from utils.data_utils import UserInputError
+from utils.cli import UserInputError
 from utils.fsdp_utils import fsdp_requested, shard_frozen_base
 from utils.lora_utils import add_lora, lora_summary, parse_target_modules
 from utils.model_utils import PRECISION_DTYPES, check_block_size, disable_base_dropout, load_model, load_model_4bit
