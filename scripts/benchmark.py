@@ -375,7 +375,8 @@ def cpu_memory(args, names, notes, jobs=2):
     """One fresh subprocess per variant, `jobs` at a time (each measures only its own process)."""
     cmd = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        "scripts.benchmark",
         "--preset",
         args.preset,
         "--batch_size",
@@ -399,6 +400,7 @@ def cpu_memory(args, names, notes, jobs=2):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                cwd=REPO_ROOT,
                 env={**os.environ, **MEMORY_ENV},
             )
         name = next(iter(running))

@@ -8,7 +8,7 @@
 For each labelled synthetic set (generations.jsonl of the inference scripts, its answers) and for
 the same number of real training records ("real"):
 
-1. utility (Yu et al. 2023): a small causal LM (about 2M parameters) trained from scratch on the set
+1. utility (Yu et al. 2023): a small causal LM (2.3M parameters on PubMed) trained from scratch on the set
    with fixed hyperparameters and the same token budget, three seeds; next-token accuracy and
    perplexity on real test records, and relative performance (accuracy over the real-data model's);
 2. fidelity: MAUVE against the real test records on the base model's last hidden states (spread

@@ -5,9 +5,10 @@ Every model gets the same fixed hyperparameters and exactly the same number of t
 each set's records are joined with a separator token and cut into blocks, and training runs a
 fixed number of steps over those blocks (a set of shorter records is cycled more often). The
 output layer covers only the evaluation vocabulary, the tokens that occur in any of the sets
-compared or in the test records (the base model's tokenizer, re-indexed): on a CPU the 49,152-way
-softmax of the full vocabulary would cost five times the rest of the model. Every model shares the
-same vocabulary, so their figures compare; they are not perplexities over the full vocabulary.
+compared or in the test records (the base model's tokenizer, re-indexed): with SmolLM2's whole
+49,152-token output layer a training step took 2.2x as long (measured on the CPU, against 12,800
+tokens). Every model shares the same vocabulary, so their figures compare; they are not
+perplexities over the full vocabulary.
 """
 
 import math
