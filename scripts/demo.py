@@ -181,8 +181,8 @@ def run_evaluation(args, stages, model, paths, runs, dataset_dir, out):
     shutil.rmtree(os.path.join(out, "synthetic"), ignore_errors=True)
     env = stages.env
     for stage, cmd in evaluation_commands(args, model, paths, runs, dataset_dir, out):
-        # decoding multiplies small matrices, where a second OpenMP thread gains little on idle cores
-        # and costs several times over on busy ones (PERFORMANCE.md, generation speed)
+        # decoding multiplies small matrices: a second OpenMP thread gains up to 1.5x on idle cores and
+        # costs up to 25x when another process holds one (PERFORMANCE.md, generation speed)
         stages.env = {"OMP_NUM_THREADS": "1", **env} if stage.startswith("generation") else env
         stages.run(stage, cmd)
     stages.env = env
