@@ -35,7 +35,8 @@ import traceback
 import torch
 
 from scripts import gpu_check_large
-from utils.dp_utils import DPGradient, DPRandomness, per_record_loss
+from utils.dp_randomness import DPRandomness
+from utils.dp_utils import DPGradient, per_record_loss
 from utils.fsdp_utils import shard_frozen_base, shard_summary
 from utils.lora_utils import add_lora
 

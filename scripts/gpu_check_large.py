@@ -140,7 +140,8 @@ def check_qlora(args, notes):
     except ImportError:
         raise Skip("bitsandbytes not installed (pip install bitsandbytes==0.50.2)") from None
     from scripts.gpu_check import lora, make_batch, same_batch_exactness, time_variant
-    from utils.dp_utils import DPGradient, DPRandomness
+    from utils.dp_randomness import DPRandomness
+    from utils.dp_utils import DPGradient
     from utils.model_utils import load_model_4bit
 
     start = time.perf_counter()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from utils.cli import UserInputError
 from utils.dist_utils import rank, world_size
-from utils.dp_randomness import DPRandomness, secure_gaussian  # noqa: F401 (DPRandomness: the DP gradient's companion)
+from utils.dp_randomness import secure_gaussian
 from utils.per_example import PER_EXAMPLE_FORWARDS, PerExampleGradStore, accumulation_dtype, trainable_modules
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.cli import UserInputError, run_cli  # noqa: F401 (run_cli: its former home)
+from utils.cli import UserInputError
 
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

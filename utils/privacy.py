@@ -131,10 +131,6 @@ class PrivacyPlan:
         return effective_noise_multiplier(self.noise_multiplier, self.loss_noise_multiplier) if self.private else None
 
     @property
-    def releases_exact_loss(self):
-        return self.train_loss == "exact" or not self.private
-
-    @property
     def unit_name(self):
         return f"units ('{self.args.privacy_unit_key}')" if self.args.privacy_unit_key else "records"
 
