@@ -25,3 +25,16 @@ def run_cli(main):
     except Exception:
         traceback.print_exc()
         sys.exit(1)
+
+
+def cli_flags(**options) -> list[str]:
+    """Command-line flags from keyword arguments, in order: cli_flags(block_size=64, fsdp=True) gives
+    ['--block_size', '64', '--fsdp']; an option that is False or None is left out."""
+    flags = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{name}")
+        if value is not True:
+            flags.append(str(value))
+    return flags

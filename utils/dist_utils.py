@@ -1,5 +1,8 @@
 """Where this process stands in a torch.distributed job (a plain run is a job of one)."""
 
+import socket
+import sys
+
 import torch.distributed as dist
 
 
@@ -14,3 +17,21 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if distributed() else 1
+
+
+def torchrun_command(processes: int, *args: str) -> list[str]:
+    """A one-machine torchrun launch of `processes` processes, each running `args` (a script or -m module)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
+
+
+def accelerate_launch_command(config: str, *args: str) -> list[str]:
+    """`accelerate launch` with a config file; `args` are launcher overrides (cli_flags(num_processes=2)),
+    then the script and its arguments."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *args]
+
+
+def free_port() -> int:
+    """A TCP port on localhost that no process listens on now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
