@@ -36,6 +36,7 @@ import torch
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
 from utils.lora_utils import add_lora, randomise_lora_b
+from utils.memory_model import Shape
 from utils.tiny_models import random_llama
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,18 +102,10 @@ def build_model(args):
     if "path" in preset:
         model = AutoModelForCausalLM.from_pretrained(preset["path"], dtype=args.dtype)
     else:
-        vocab, hidden, inter, layers, heads, kv = preset["config"]
-        model = random_llama(
-            vocab,
-            hidden,
-            inter,
-            args.layers or layers,
-            heads,
-            kv,
-            max(args.block_size, 128),
-            dtype=args.dtype,
-            device=args.device,
-        )
+        shape = Shape(*preset["config"]).llama_config()
+        shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
+        context = max(args.block_size, 128)
+        model = random_llama(args.dtype, args.device, max_position_embeddings=context, **shape)
     model.config.use_cache = False
     model = add_lora(model, r=args.lora_r, alpha=args.lora_r, seed=0)  # adapters stay float32 (PEFT)
     return randomise_lora_b(model, std=0.02).to(args.device).train()
@@ -200,11 +193,15 @@ class OpacusHooks(NonPrivate):
         from opacus.optimizers import DPOptimizer
 
         super().__init__(model, args, **kw)
-        self.dp_opt = DPOptimizer(
+        self.dp_opt = self.wrap_optimizer(DPOptimizer)
+
+    def wrap_optimizer(self, cls):
+        """Opacus' DP optimizer around our AdamW with the same sigma, C and expected batch size."""
+        return cls(
             self.opt,
             noise_multiplier=self.sigma,
             max_grad_norm=self.clip,
-            expected_batch_size=args.batch_size,
+            expected_batch_size=self.args.batch_size,
             loss_reduction="mean",
         )
 
@@ -236,13 +233,7 @@ class OpacusGhost(OpacusHooks):
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         NonPrivate.__init__(self, model, args, **kw)
-        self.dp_opt = DPOptimizerFastGradientClipping(
-            self.opt,
-            noise_multiplier=self.sigma,
-            max_grad_norm=self.clip,
-            expected_batch_size=args.batch_size,
-            loss_reduction="mean",
-        )
+        self.dp_opt = self.wrap_optimizer(DPOptimizerFastGradientClipping)
 
     def install(self):
         from opacus.grad_sample import GradSampleModuleFastGradientClipping

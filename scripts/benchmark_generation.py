@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from scripts.benchmark import busy_cpu_seconds
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import PUBMED_PROMPT, encode_prompt
 from utils.io_utils import write_json
@@ -82,16 +83,6 @@ def load(args):
     return model, tokenizer, config
 
 
-def machine_busy_seconds():
-    """CPU seconds the whole machine has been busy (Linux), or None."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def time_cell(model, tokenizer, config, batch, args):
     """Median seconds per batch of `batch` prompts, and the share of the cores other processes used."""
     from utils.generation_utils import generate_batch
@@ -104,12 +95,12 @@ def time_cell(model, tokenizer, config, batch, args):
     generate_batch(model, tokenizer, prompts, [4] * batch, warm)  # warm-up: allocations, kernels
     times, others = [], []
     for _ in range(args.repeats):
-        busy, own, start = machine_busy_seconds(), time.process_time(), time.perf_counter()
+        busy, own, start = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         generate_batch(model, tokenizer, prompts, budgets, config)
         wall = time.perf_counter() - start
         times.append(wall)
         if busy is not None:
-            other = (machine_busy_seconds() - busy) - (time.process_time() - own)
+            other = (busy_cpu_seconds() - busy) - (time.process_time() - own)
             others.append(max(0.0, other / (wall * (os.cpu_count() or 1))))
     return statistics.median(times), (statistics.mean(others) if others else None)
 

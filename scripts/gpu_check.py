@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,29 +34,19 @@ import traceback
 import torch
 
 from scripts import gpu_check_large
+from utils import tiny_models
+from utils.cli import cli_flags
+from utils.dist_utils import accelerate_launch_command, free_port
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
 from utils.fsdp_utils import shard_frozen_base, shard_summary
-from utils.lora_utils import add_lora
+from utils.lora_utils import add_lora, randomise_lora_b
+from utils.memory_model import LLAMA_2, Shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SHAPE_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
-SHAPE_SMOKE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+SHAPE_7B = LLAMA_2["Llama 2 7B"].llama_config()
+SHAPE_SMOKE = Shape(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2).llama_config()
 
 
 def parse_args():
@@ -98,30 +87,13 @@ def sync(device):
 
 
 def random_llama(shape, layers, device, dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        **{**shape, "num_hidden_layers": layers},
-        max_position_embeddings=4096,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    tokens, shape = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1), {**shape, "num_hidden_layers": layers}
+    return tiny_models.random_llama(dtype, device, max_position_embeddings=4096, use_cache=False, **tokens, **shape)
 
 
 def lora(model, r=16, random_b=False):
     model = add_lora(model, r=r, alpha=r, seed=0)
-    if random_b:  # B starts at zero, which would make every A gradient zero
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
-    return model.train()
+    return (randomise_lora_b(model, std=0.02) if random_b else model).train()
 
 
 def make_batch(n, length, vocab, device, ragged=False, seed=0):
@@ -214,9 +186,7 @@ def time_variant(model, dp, optimizer, batch, args, autocast, label, notes):
     for step in range(3 + args.steps):
         sync(args.device)
         start = time.perf_counter()
-        losses_of(model, batch, autocast).sum().backward()
-        dp.accumulate_micro_batch()
-        dp.finish_step(step)
+        dp.logical_step([(losses_of(model, batch, autocast), None)], step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(args.device)
@@ -236,9 +206,7 @@ def time_variant(model, dp, optimizer, batch, args, autocast, label, notes):
 def dp_gradient_of(model, batch, autocast):
     """The DP gradient (clip 1, no noise) of one fixed batch, as param.grad after finish_step."""
     dp = DPGradient(model, 1.0, 0.0, batch["input_ids"].shape[0])
-    losses_of(model, batch, autocast).sum().backward()
-    dp.accumulate_micro_batch()
-    dp.finish_step(0)
+    dp.logical_step([(losses_of(model, batch, autocast), None)], 0)
     grads = [p.grad.detach().double().clone() for p in dp.params]
     model.zero_grad(set_to_none=True)
     dp.detach()
@@ -308,56 +276,21 @@ def check_end_to_end(args, notes):
     folder = tempfile.mkdtemp(prefix="gpu_check_")
     model = build_tiny_model(os.path.join(folder, "model"))
     data = write_data(folder)["train"]
-    common = [
-        "--train_file",
-        data,
-        "--validation_file",
-        data,
-        "--model_name_or_path",
-        model,
-        "--block_size",
-        "64",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-        "--clip_norm",
-        "0.5",
-        "--noise_multiplier",
-        "0.7",
-        "--max_train_steps",
-        "3",
-        "--delta",
-        "1e-3",
-        "--insecure_dp_seed",
-        "7",
-        "--learning_rate",
-        "1e-2",
-        "--lr_scheduler_type",
-        "constant",
-    ]
+    common = cli_flags(
+        train_file=data, validation_file=data, model_name_or_path=model, block_size=64, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, clip_norm=0.5, noise_multiplier=0.7, max_train_steps=3, delta=1e-3,
+        insecure_dp_seed=7, learning_rate=1e-2, lr_scheduler_type="constant",
+    )  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
     fsdp_out, plain_out = os.path.join(folder, "fsdp"), os.path.join(folder, "plain")
+    train_clm = os.path.join(ROOT, "train_clm.py")
+    launcher = cli_flags(num_processes=1, main_process_port=free_port())
+    fsdp_config = os.path.join(ROOT, "accelerate_configs", "accelerate_config.cfg")
     runs = {
-        "fsdp": [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            os.path.join(ROOT, "accelerate_configs", "accelerate_config.cfg"),
-            "--num_processes",
-            "1",
-            "--main_process_port",
-            str(_free_port()),
-            os.path.join(ROOT, "train_clm.py"),
-            *common,
-            "--output_dir",
-            fsdp_out,
-            "--fsdp",
-            "--debug_sync_check",
-            "1",
-        ],
-        "plain": [sys.executable, os.path.join(ROOT, "train_clm.py"), *common, "--output_dir", plain_out],
+        "fsdp": accelerate_launch_command(
+            fsdp_config, *launcher, train_clm, *common, *cli_flags(output_dir=fsdp_out, fsdp=True, debug_sync_check=1)
+        ),
+        "plain": [sys.executable, train_clm, *common, "--output_dir", plain_out],
     }
     for name, cmd in runs.items():
         start = time.perf_counter()
@@ -383,18 +316,12 @@ def check_end_to_end(args, notes):
     return {"lora_B_relative_difference": diff}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_one_process_group(device):
     import torch.distributed as dist
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -45,50 +44,12 @@ def saved_model(args):
 
 def _run_worker(args, model, out, fsdp):
     """One train_clm.py run through scripts.sharded_memory's worker; returns its rank-0 report."""
-    from scripts.sharded_memory import TRAIN_ARGS, write_data
+    from scripts.sharded_memory import worker_command, worker_env, write_data
 
-    data = write_data(os.path.dirname(out))
     reports = out + "_reports"
-    worker = [
-        "-m",
-        "scripts.sharded_memory",
-        "worker",
-        "--train_file",
-        data["train"],
-        "--validation_file",
-        data["validation"],
-        "--model_name_or_path",
-        model,
-        *TRAIN_ARGS,
-        "--block_size",
-        "128",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_ckpt",
-        "--output_dir",
-        out,
-    ]
-    if fsdp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "1",
-            *worker,
-            "--fsdp",
-        ]
-    else:
-        cmd = [sys.executable, *worker]
-    env = dict(
-        os.environ,
-        SHARDED_MEMORY_REPORT=reports,
-        OMP_NUM_THREADS="4",
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="offline",
-        HF_HUB_OFFLINE="1",
-    )
+    options = dict(block_size=128, per_device_train_batch_size=4, gradient_ckpt=True)  # block_size over TRAIN_ARGS's
+    cmd = worker_command(model, write_data(os.path.dirname(out)), out, 1, fsdp, **options)
+    env = worker_env(reports, 4)
     if args.device.type == "cuda":
         env["ACCELERATE_MIXED_PRECISION"] = "bf16"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -27,6 +27,9 @@ import tempfile
 
 import torch
 
+from utils.cli import cli_flags
+from utils.dist_utils import torchrun_command
+
 SHAPE_1B = dict(
     vocab_size=32000,
     hidden_size=2048,
@@ -36,34 +39,15 @@ SHAPE_1B = dict(
     num_key_value_heads=4,
 )
 TRAIN_ARGS = [
-    "--block_size",
-    "64",
-    "--clip_norm",
-    "1.0",
-    "--noise_multiplier",
-    "1.0",
-    "--max_train_steps",
-    "2",
-    "--delta",
-    "1e-3",
-    "--seed",
-    "7",
-    "--insecure_dp_seed",
-    "5",
-    "--gradient_accumulation_steps",
-    "1",
-    "--sampling",
-    "poisson",
-    "--learning_rate",
-    "1e-3",
-    "--lr_scheduler_type",
-    "constant",
-    "--lora_r",
-    "16",
-    "--lora_alpha",
-    "16",
+    *cli_flags(block_size=64, clip_norm=1.0, noise_multiplier=1.0, max_train_steps=2, delta=1e-3, seed=7),
+    *cli_flags(insecure_dp_seed=5, gradient_accumulation_steps=1, sampling="poisson", learning_rate=1e-3),
+    *cli_flags(lr_scheduler_type="constant", lora_r=16, lora_alpha=16),
 ]
 LOGICAL_BATCH = 4
+# utils.memory_model's terms for a run with TRAIN_ARGS on a float32 base, whole batches of LOGICAL_BATCH records
+PREDICT_OPTIONS = dict(
+    base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH, block_size=64, lora_r=16, gradient_ckpt=False
+)
 FOLDERS = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}
 
 
@@ -173,47 +157,27 @@ def write_data(folder):
     return paths
 
 
+def worker_command(model, data, out, processes, fsdp, **options):
+    """The command of one train_clm.py run through `worker` on `data` (write_data's paths) into `out`:
+    under torchrun with `processes` processes and --fsdp where `fsdp`, else one plain process.
+    options: train_clm.py flags (as in cli_flags) after TRAIN_ARGS, so they override them."""
+    data_flags = cli_flags(train_file=data["train"], validation_file=data["validation"], model_name_or_path=model)
+    script = ["-m", "scripts.sharded_memory", "worker", *data_flags, *TRAIN_ARGS, *cli_flags(**options, output_dir=out)]
+    return torchrun_command(processes, *script, "--fsdp") if fsdp else [sys.executable, *script]
+
+
+def worker_env(reports, threads, **extra):
+    """The environment of a worker run: its reports to the folder `reports`, `threads` OpenMP threads, offline."""
+    offline = dict(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, **offline, **extra)
+
+
 def launch(model, data, out, processes, fsdp, threads, extra_env=None):
     """One run of train_clm through the worker; returns the per-rank reports."""
     reports = out + "_reports"
     per_device = LOGICAL_BATCH // max(processes, 1)
-    script = [
-        "-m",
-        "scripts.sharded_memory",
-        "worker",
-        "--train_file",
-        data["train"],
-        "--validation_file",
-        data["validation"],
-        "--model_name_or_path",
-        model,
-        *TRAIN_ARGS,
-        "--per_device_train_batch_size",
-        str(per_device),
-        "--output_dir",
-        out,
-    ] + (["--fsdp"] if fsdp else [])
-    if fsdp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(processes),
-            *script,
-        ]
-    else:
-        cmd = [sys.executable, *script]
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        SHARDED_MEMORY_REPORT=reports,
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        **(extra_env or {}),
-    )
+    cmd = worker_command(model, data, out, processes, fsdp, per_device_train_batch_size=per_device)
+    env = worker_env(reports, threads, **(extra_env or {}))
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=env)
     found = sorted(os.listdir(reports))
@@ -237,15 +201,7 @@ def predictions(model, fixed_bytes):
     from utils.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(model))
-    common = dict(
-        base_dtype="float32",
-        compute_bytes=4,
-        micro_batch=LOGICAL_BATCH,
-        block_size=64,
-        lora_r=16,
-        gradient_ckpt=False,
-        fixed_bytes=fixed_bytes,
-    )
+    common = dict(PREDICT_OPTIONS, fixed_bytes=fixed_bytes)
     return {
         "whole, 1 process": predict(shape, 1, fsdp=False, **common),
         "sharded, 1 process": predict(shape, 1, fsdp=True, **common),
@@ -307,17 +263,7 @@ def predict_tiny_model(folder):
     from utils.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(folder))
-    return predict(
-        shape,
-        1,
-        fsdp=False,
-        base_dtype="float32",
-        compute_bytes=4,
-        micro_batch=LOGICAL_BATCH,
-        block_size=64,
-        lora_r=16,
-        gradient_ckpt=False,
-    )["total"]
+    return predict(shape, 1, fsdp=False, **PREDICT_OPTIONS)["total"]
 
 
 def main(argv=None):

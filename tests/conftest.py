@@ -73,6 +73,18 @@ def text_records():
     return [("Explain:" if i % 3 == 0 else "", s) for i, s in enumerate(sentences)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine: a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Each in-process run of a script builds its own Accelerator."""

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import cli_flags
 
 from scripts import audit_privacy as audit
 from scripts import audit_release
@@ -54,13 +55,17 @@ def test_guessing_takes_top_and_bottom_scores():
 # ---- audits of real runs of train_clm.py ----
 
 
-def run_audit(tmp_path, capsys, *extra):
-    out = tmp_path / "audit"
+def audit_main(*args):
     threads = torch.get_num_threads()
     try:
-        result = audit.main(["--output_dir", str(out), "--insecure_dp_seed", "1", *extra])
+        return audit.main(list(args))
     finally:
         torch.set_num_threads(threads)  # the script sets 1 for its tiny model
+
+
+def run_audit(tmp_path, capsys, *extra):
+    out = tmp_path / "audit"
+    result = audit_main("--output_dir", str(out), "--insecure_dp_seed", "1", *extra)
     printed = capsys.readouterr().out
     assert "claimed epsilon:" in printed and "empirical epsilon lower bound:" in printed
     saved = json.loads((out / "audit.json").read_text())
@@ -99,24 +104,8 @@ def test_release_audit_bound_from_rates():
 def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, capsys, train_loss):
     """Neighbouring data sets of the same size, one with a high-loss canary: the largest logged loss
     gives the canary away when losses are exact, and is at chance level when they are private."""
-    threads = torch.get_num_threads()
-    try:
-        result = audit.main(
-            [
-                "--output_dir",
-                str(tmp_path / "audit"),
-                "--attack",
-                "release",
-                "--num_runs",
-                "12",
-                "--calibration_runs",
-                "8",
-                "--train_loss",
-                train_loss,
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    runs = dict(num_runs=12, calibration_runs=8)
+    result = audit_main(*cli_flags(output_dir=tmp_path / "audit", attack="release", **runs, train_loss=train_loss))
     assert "empirical epsilon lower bound:" in capsys.readouterr().out
     saved = json.loads((tmp_path / "audit" / "audit_release.json").read_text())
     assert saved == result and result["train_loss"] == train_loss
@@ -135,25 +124,8 @@ def test_unit_level_audit_with_canaries_of_three_records(tmp_path, capsys, mode)
     """Each canary is a privacy unit of three records: without noise the audit sees them, with DP at
     unit level its bound stays below the claim."""
     extra = [mode] if mode != "dp" else ["--target_epsilon", "4"]
-    threads = torch.get_num_threads()
-    try:
-        result = audit.main(
-            [
-                "--output_dir",
-                str(tmp_path / "audit"),
-                "--insecure_dp_seed",
-                "1",
-                "--unit_records",
-                "3",
-                "--num_canaries",
-                "64",
-                "--num_guesses",
-                "40",
-                *extra,
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    canaries = dict(unit_records=3, num_canaries=64, num_guesses=40)
+    result = audit_main(*cli_flags(output_dir=tmp_path / "audit", insecure_dp_seed=1, **canaries), *extra)
     assert "of 3 records each" in capsys.readouterr().out
     assert result["records_per_canary"] == 3 and result["privacy_unit"] == "unit"
     if mode == "dp":

@@ -136,15 +136,8 @@ def _write_other_adapter(folder):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=402,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    sizes = dict(vocab_size=402, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=64)
+    config = LlamaConfig(**sizes, num_attention_heads=2, num_key_value_heads=1)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     get_peft_model(LlamaForCausalLM(config), lora).save_pretrained(folder)
 

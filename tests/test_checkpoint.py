@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_records
+from conftest import ROOT, train_args, write_records
 from safetensors.torch import load_file
 
 import train_clm
@@ -19,33 +19,9 @@ STEPS = 24
 
 
 def args_for(model, data, out, *extra):
-    return [
-        "--train_file",
-        data,
-        "--model_name_or_path",
-        model,
-        "--output_dir",
-        str(out),
-        "--block_size",
-        "48",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-        "--clip_norm",
-        "0.5",
-        "--noise_multiplier",
-        "0.8",
-        "--delta",
-        "1e-3",
-        "--max_train_steps",
-        str(STEPS),
-        "--insecure_dp_seed",
-        "4",
-        "--checkpointing_steps",
-        "3",
-        *extra,
-    ]
+    sizes = dict(block_size=48, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_steps=STEPS)
+    privacy = dict(clip_norm=0.5, noise_multiplier=0.8, delta=1e-3, insecure_dp_seed=4)
+    return [*train_args(model, data, out, **sizes, **privacy, checkpointing_steps=3), *extra]
 
 
 def outputs(folder):
@@ -116,16 +92,9 @@ def test_a_finished_run_is_final(tiny_llama, text_records, tmp_path):
     for resume in ["latest", str(out / "checkpoints" / "step_21")]:
         for output_dir in [out, tmp_path / "elsewhere"] if resume != "latest" else [out]:
             reset_accelerate()
-            result = subprocess.run(
-                [
-                    sys.executable,
-                    os.path.join(ROOT, "train_clm.py"),
-                    *args_for(tiny_llama, data, output_dir, "--resume_from_checkpoint", resume),
-                ],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
+            args = args_for(tiny_llama, data, output_dir, "--resume_from_checkpoint", resume)
+            cmd = [sys.executable, os.path.join(ROOT, "train_clm.py"), *args]
+            result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert result.returncode == 2, result.stderr
             assert "finished run" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     after = {name: (out / name).read_bytes() for name in os.listdir(out) if os.path.isfile(out / name)}

@@ -1,73 +1,42 @@
 """The README demo (scripts/demo.py) end to end on a tiny model and a tiny PubMed-like data set."""
 
 import json
-import os
-import subprocess
 import sys
 
 import datasets
 import pytest
-from conftest import ROOT, local_sentences
+from conftest import cli_flags, local_sentences, process_env, run_ok
+
+
+def pubmed_like(texts):
+    """The columns of the built PubMed data set; the first authors are 20 names."""
+    return datasets.Dataset.from_dict(
+        {
+            "text": texts,
+            "pmid": [str(i) for i in range(len(texts))],
+            "pub_date": ["2020-01-01"] * len(texts),
+            "author": [f"Author{i % 20} A" for i in range(len(texts))],
+        }
+    )
+
+
+def run_demo(model, folder, **options):
+    """scripts/demo.py on a PubMed-like data set of 64 training and 8 validation sentences; returns
+    its completed process (stdout holds the stage commands)."""
+    sentences = local_sentences(72)
+    splits = {"train": sentences[:64], "validation": sentences[64:72]}
+    dataset = datasets.DatasetDict({split: pubmed_like(texts) for split, texts in splits.items()})
+    dataset.save_to_disk(str(folder / "pubmed"))
+    small = dict(val_records=8, steps=2, batch_size=8, micro_batch_size=4, block_size=32)
+    flags = cli_flags(model_name_or_path=model, dataset_dir=folder / "pubmed", output_dir=folder / "demo", **small)
+    command = [sys.executable, "-m", "scripts.demo", *flags, *cli_flags(**options)]
+    return run_ok(command, process_env(1, CUDA_VISIBLE_DEVICES=""), timeout=600)
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path):
-    sentences = local_sentences(80)
-    dd = datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {
-                    "text": texts,
-                    "pmid": [str(i) for i in range(len(texts))],
-                    "pub_date": ["2020-01-01"] * len(texts),
-                    "author": [f"Author{i % 20} A" for i in range(len(texts))],
-                }
-            )
-            for split, texts in (("train", sentences[:64]), ("validation", sentences[64:72]))
-        }
-    )
-    dd.save_to_disk(str(tmp_path / "pubmed"))
+    result = run_demo(tiny_llama, tmp_path, num_samples=2, max_new_tokens=8)
     out = tmp_path / "demo"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.demo",
-            "--model_name_or_path",
-            tiny_llama,
-            "--dataset_dir",
-            str(tmp_path / "pubmed"),
-            "--output_dir",
-            str(out),
-            "--val_records",
-            "8",
-            "--steps",
-            "2",
-            "--batch_size",
-            "8",
-            "--micro_batch_size",
-            "4",
-            "--block_size",
-            "32",
-            "--num_samples",
-            "2",
-            "--max_new_tokens",
-            "8",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # each stage's real command is shown before it runs
     for script in ("train_clm.py", "inference_generation_dataset.py"):
@@ -93,57 +62,8 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
 @pytest.mark.slow
 def test_demo_trains_at_author_level(tiny_llama, tmp_path):
     """--privacy_unit author: the first author (20 of them for 64 abstracts) is what epsilon protects."""
-    sentences = local_sentences(72)
-    texts = {"train": sentences[:64], "validation": sentences[64:72]}
-    datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {
-                    "text": t,
-                    "pmid": [str(i) for i in range(len(t))],
-                    "pub_date": ["2020-01-01"] * len(t),
-                    "author": [f"Author{i % 20} A" for i in range(len(t))],
-                }
-            )
-            for split, t in texts.items()
-        }
-    ).save_to_disk(str(tmp_path / "pubmed"))
+    result = run_demo(tiny_llama, tmp_path, privacy_unit="author", num_samples=1, max_new_tokens=4)
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.demo",
-            "--model_name_or_path",
-            tiny_llama,
-            "--dataset_dir",
-            str(tmp_path / "pubmed"),
-            "--output_dir",
-            str(out),
-            "--privacy_unit",
-            "author",
-            "--val_records",
-            "8",
-            "--steps",
-            "2",
-            "--batch_size",
-            "8",
-            "--micro_batch_size",
-            "4",
-            "--block_size",
-            "32",
-            "--num_samples",
-            "1",
-            "--max_new_tokens",
-            "4",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--privacy_unit_key author" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     report = json.loads((out / "dp" / "privacy_report.json").read_text())

@@ -4,67 +4,25 @@ not (docs/DESIGN.md 2.4, 2.5, 2.9, 5). The launches use the README's configs in 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_records
+from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
 from safetensors.torch import load_file
+
+from utils.dist_utils import accelerate_launch_command, torchrun_command
 
 # the same logical batch B = 8: one process 4 x 2 micro-batches, two processes 2 x 2 each
 COMMON = [
-    "--block_size",
-    "64",
-    "--clip_norm",
-    "0.5",
-    "--noise_multiplier",
-    "0.7",
-    "--max_train_steps",
-    "3",
-    "--delta",
-    "1e-3",
-    "--seed",
-    "3",
-    "--insecure_dp_seed",
-    "11",
-    "--gradient_accumulation_steps",
-    "2",
-    "--sampling",
-    "poisson",
-    "--learning_rate",
-    "1e-2",
-    "--lr_scheduler_type",
-    "constant",
+    *cli_flags(block_size=64, clip_norm=0.5, noise_multiplier=0.7, max_train_steps=3, delta=1e-3, seed=3),
+    *cli_flags(insecure_dp_seed=11, gradient_accumulation_steps=2, sampling="poisson", learning_rate=1e-2),
+    *cli_flags(lr_scheduler_type="constant"),
 ]
-TIMEOUT = 300
+WORKER = os.path.join("tests", "fsdp_worker.py")
+# launcher overrides that run a GPU config as two CPU processes
+TWO_CPU_PROCESSES = cli_flags(num_processes=2, mixed_precision="no", main_process_port=0)
 TOLERANCE = 1e-5
-
-
-def _env(threads):
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="offline",
-        HF_HUB_OFFLINE="1",
-    )
-    env.pop("ACCELERATE_USE_CPU", None)  # the configs alone must give two gloo processes
-    return env
-
-
-def _run(cmd, env, timeout=TIMEOUT):
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def relative_difference(a, b, select=""):
-    keys = [k for k in a if select in k]
-    assert keys and set(a) == set(b)
-    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
-    den = sum((a[k].double() ** 2).sum() for k in keys)
-    return float((num / den).sqrt())
 
 
 def adapter(folder):
@@ -82,14 +40,18 @@ def run_setup(tiny_llama, text_records, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     train = write_records(folder / "train.jsonl", text_records[:40], jsonl=True)
     val = write_records(folder / "val.jsonl", text_records[40:52], jsonl=True)
-    data = ["--train_file", train, "--validation_file", val, "--model_name_or_path", tiny_llama]
+    data = cli_flags(train_file=train, validation_file=val, model_name_or_path=tiny_llama)
     one = str(folder / "one")
-    _run(
-        [sys.executable, "train_clm.py", *data, *COMMON, "--per_device_train_batch_size", "4", "--output_dir", one],
-        _env(2),
-    )
+    args = [*data, *COMMON, *cli_flags(per_device_train_batch_size=4, output_dir=one)]
+    run_ok([sys.executable, "train_clm.py", *args], process_env(2))
     assert report(one)["num_processes"] == 1
     return {"folder": folder, "data": data, "one": one}
+
+
+def two_process_args(run_setup, out, **options):
+    """train_clm.py's arguments for each of two processes (2 records each) writing to `out`."""
+    flags = cli_flags(per_device_train_batch_size=2, output_dir=out, debug_sync_check=1, **options)
+    return [*run_setup["data"], *COMMON, *flags]
 
 
 def assert_same_as_one_process(out, one):
@@ -109,23 +71,8 @@ def assert_same_as_one_process(out, one):
 
 def test_accelerate_launch_two_cpu_processes_equal_one_process(run_setup):
     out = str(run_setup["folder"] / "two")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join("accelerate_configs", "cpu_2proc.cfg"),
-        "train_clm.py",
-        *run_setup["data"],
-        *COMMON,
-        "--per_device_train_batch_size",
-        "2",
-        "--output_dir",
-        out,
-        "--debug_sync_check",
-        "1",
-    ]
-    _run(cmd, _env(1))
+    config = os.path.join("accelerate_configs", "cpu_2proc.cfg")
+    run_ok(accelerate_launch_command(config, "train_clm.py", *two_process_args(run_setup, out)), process_env(1))
     assert_same_as_one_process(out, run_setup["one"])
 
 
@@ -155,28 +102,8 @@ def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
     """torch FSDP2 on CPU with gloo, with activation checkpointing (a 7B run uses both) and a
     resumable checkpoint saved mid-run."""
     out, reports = str(run_setup["folder"] / "fsdp"), str(run_setup["folder"] / "fsdp_reports")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join("tests", "fsdp_worker.py"),
-        *run_setup["data"],
-        *COMMON,
-        "--per_device_train_batch_size",
-        "2",
-        "--output_dir",
-        out,
-        "--fsdp",
-        "--gradient_ckpt",
-        "--debug_sync_check",
-        "1",
-        "--checkpointing_steps",
-        "2",
-    ]
-    _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
+    args = two_process_args(run_setup, out, fsdp=True, gradient_ckpt=True, checkpointing_steps=2)
+    run_ok(torchrun_command(2, WORKER, *args), process_env(1, FSDP_WORKER_REPORT=reports))
     _check_fsdp_reports(reports)
     assert_same_as_one_process(out, run_setup["one"])
     assert os.path.isdir(os.path.join(out, "checkpoints", "step_2"))  # accelerate's save_state works sharded
@@ -185,29 +112,9 @@ def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
 def test_fsdp_accelerate_config_on_cpu_shards_and_equals_unsharded(run_setup):
     """The README's FSDP config itself, on two CPU processes (fp32 here; bf16 is for GPUs)."""
     out, reports = str(run_setup["folder"] / "fsdp_cfg"), str(run_setup["folder"] / "fsdp_cfg_reports")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join("accelerate_configs", "accelerate_config.cfg"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        "0",
-        os.path.join("tests", "fsdp_worker.py"),
-        *run_setup["data"],
-        *COMMON,
-        "--per_device_train_batch_size",
-        "2",
-        "--output_dir",
-        out,
-        "--debug_sync_check",
-        "1",
-    ]
-    _run(cmd, dict(_env(1), FSDP_WORKER_REPORT=reports))
+    config = os.path.join("accelerate_configs", "accelerate_config.cfg")
+    cmd = accelerate_launch_command(config, *TWO_CPU_PROCESSES, WORKER, *two_process_args(run_setup, out))
+    run_ok(cmd, process_env(1, FSDP_WORKER_REPORT=reports))
     _check_fsdp_reports(reports)
     assert_same_as_one_process(out, run_setup["one"])
 
@@ -265,20 +172,7 @@ def test_data_parallel_gpu_config_starts_gloo_processes_on_cpu(tmp_path):
         "import torch.distributed as dist\n"
         "print(json.dumps([a.process_index, a.num_processes, dist.get_backend()]), flush=True)\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg"),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        "0",
-        str(probe),
-    ]
-    out = _run(cmd, _env(1), timeout=120).stdout
+    config = os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg")
+    out = run_ok(accelerate_launch_command(config, *TWO_CPU_PROCESSES, str(probe)), process_env(1), timeout=120).stdout
     seen = sorted(json.loads(line) for line in out.splitlines() if line.startswith("["))
     assert seen == [[0, 2, "gloo"], [1, 2, "gloo"]], out

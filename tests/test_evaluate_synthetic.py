@@ -1,14 +1,13 @@
 """scripts/evaluate_synthetic.py and its measures: downstream utility, MAUVE, memorisation scan."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, local_sentences, write_records
+from conftest import ROOT, cli_flags, local_sentences, process_env, run_ok, write_records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scripts import evaluate_synthetic
@@ -17,22 +16,9 @@ from utils.downstream import DownstreamConfig, Vocabulary, evaluate, pack, train
 from utils.fidelity import distinct_n, hidden_state_features, mauve_scores
 from utils.memorisation import HashedRecords, Hasher, brute_force_longest_span, locate, longest_shared_spans
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ENV = process_env(CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +111,8 @@ def test_downstream_trainer_learns_real_text_better_than_random_text(tokenizer, 
     rng = np.random.default_rng(0)
     random = [rng.integers(0, len(tokenizer), size=len(r)).tolist() for r in real]
     vocab = Vocabulary(real + random + test)
-    config = DownstreamConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        heads=2,
-        block_size=33,
-        batch_size=8,
-        train_tokens=60 * 8 * 33,
-        learning_rate=1e-2,
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, heads=2, block_size=33, batch_size=8)
+    config = DownstreamConfig(**sizes, train_tokens=60 * 8 * 33, learning_rate=1e-2)
     scores = {}
     for name, records in (("real", real), ("random", random)):
         model, steps = train(pack(records, vocab, config.block_size), len(vocab), config, seed=0)
@@ -171,38 +150,10 @@ def evaluation(tiny_llama, sentences, tmp_path_factory):
         "test": test_file,
     }  # the test records themselves: MAUVE must be 1
     out = root / "report"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.evaluate_synthetic",
-            *[f"--synthetic={k}={v}" for k, v in sets.items()],
-            "--model_name_or_path",
-            tiny_llama,
-            "--train_file",
-            train_file,
-            "--test_file",
-            test_file,
-            "--test_records",
-            "40",
-            "--num_records",
-            "40",
-            "--max_tokens",
-            "32",
-            "--seeds",
-            "2",
-            "--threads",
-            "1",
-            "--output_dir",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    synthetic = [f"--synthetic={k}={v}" for k, v in sets.items()]
+    data = cli_flags(model_name_or_path=tiny_llama, train_file=train_file, test_file=test_file, test_records=40)
+    settings = cli_flags(num_records=40, max_tokens=32, seeds=2, threads=1, output_dir=out)
+    result = run_ok([sys.executable, "-m", "scripts.evaluate_synthetic", *synthetic, *data, *settings], ENV)
     return {
         "out": out,
         "stdout": result.stdout,
@@ -241,24 +192,10 @@ def test_planted_copies_are_counted_and_shown_on_the_console_only(evaluation, to
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tiny_llama, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.evaluate_synthetic",
-            "--synthetic",
-            f"dp={tmp_path / 'missing.jsonl'}",
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = tmp_path / "missing.jsonl"
+    args = cli_flags(synthetic=f"dp={missing}", model_name_or_path=tiny_llama, output_dir=tmp_path / "out")
+    cmd = [sys.executable, "-m", "scripts.evaluate_synthetic", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
     assert not (tmp_path / "out").exists()
@@ -304,18 +241,9 @@ def test_bad_arguments_are_refused(argv, message):
 
 def test_more_records_asked_than_a_set_holds_is_refused(evaluation, tmp_path):
     path = write_records(tmp_path / "few.jsonl", [("Abstract:", "one record")], jsonl=True)
-    args = evaluate_synthetic.parse_args(
-        [
-            "--synthetic",
-            f"few={path}",
-            "--num_records",
-            "5",
-            "--model_name_or_path",
-            evaluation["tokenizer_dir"],
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
-    )
+    model = evaluation["tokenizer_dir"]
+    argv = cli_flags(synthetic=f"few={path}", num_records=5, model_name_or_path=model, output_dir=tmp_path / "out")
+    args = evaluate_synthetic.parse_args(argv)
     with pytest.raises(UserInputError, match="1 records, fewer than --num_records 5"):
         evaluate_synthetic.evaluate(args, log=lambda *_: None)
 

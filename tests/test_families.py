@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import write_records
+from conftest import train_args, write_records
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -70,20 +70,10 @@ def tokenizer(tiny_llama):
 
 
 def tiny_config(family, vocab, **extra):
-    return AutoConfig.for_model(
-        family,
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **{**FAMILIES.get(family, ({}, None))[0], **extra},
-    )
+    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    tokens = dict(max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    options = {**FAMILIES.get(family, ({}, None))[0], **extra}
+    return AutoConfig.for_model(family, **sizes, num_attention_heads=4, num_key_value_heads=2, **tokens, **options)
 
 
 def tiny_base(family, vocab, dtype=torch.float64, **extra):
@@ -235,27 +225,9 @@ def test_base_dropout_is_switched_off(family, tokenizer):
 
 def _train_cli(capsys, tmp_path, text_records, model_path, *extra):
     data = write_records(tmp_path / "train.json", text_records[:20])
-    argv = [
-        "--model_name_or_path",
-        model_path,
-        "--train_file",
-        data,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--block_size",
-        "32",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_train_steps",
-        "1",
-        "--clip_norm",
-        "1",
-        "--noise_multiplier",
-        "1",
-        "--delta",
-        "1e-3",
-        *extra,
-    ]
+    sizes = dict(block_size=32, per_device_train_batch_size=2, max_train_steps=1)
+    dp = dict(clip_norm=1, noise_multiplier=1, delta=1e-3)
+    argv = [*train_args(model_path, data, tmp_path / "out", **sizes, **dp), *extra]
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda: train_clm.main(argv))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

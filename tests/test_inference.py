@@ -4,7 +4,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from conftest import ROOT, write_records
+from conftest import ROOT, cli_flags, free_port, process_env, run_ok, train_args, write_records
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -29,15 +28,9 @@ from utils.data_utils import encode_prompt, load_records_file
 from utils.generation_utils import load_generation_model
 from utils.lora_utils import add_lora, save_adapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 COUNTS = {"Describe a list.": 3, "What is a tuple?": 2}
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "ACCELERATE_USE_CPU": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = {**process_env(CUDA_VISIBLE_DEVICES=""), "ACCELERATE_USE_CPU": "1"}
 
 
 def reset_accelerate():
@@ -55,39 +48,19 @@ def write_instructions(path, lines):
     return str(path)
 
 
+def instruction_args(model, instructions, out, *extra, **options):
+    """inference_generation_instruction.py's arguments: `options` as in cli_flags, then `extra`."""
+    flags = cli_flags(model_name_or_path=model, instruction_file=instructions, output_dir=str(out), **options)
+    return [*flags, *extra]
+
+
 def instruct(model, out, instruction_file, *extra):
     """One in-process run of the instruction script; returns its records."""
     reset_accelerate()
-    path = inference_generation_instruction.main(
-        [
-            "--model_name_or_path",
-            model,
-            "--instruction_file",
-            instruction_file,
-            "--output_dir",
-            str(out),
-            "--max_new_tokens",
-            "8",
-            *extra,
-        ]
-    )
+    args = instruction_args(model, instruction_file, out, *extra, max_new_tokens=8)
+    path = inference_generation_instruction.main(args)
     reset_accelerate()
     return read_jsonl(path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -97,36 +70,9 @@ def trained(tiny_llama, text_records, tmp_path_factory):
     data = write_records(root / "train.json", text_records[:64])
     out = root / "adapter"
     reset_accelerate()
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "64",
-            "--per_device_train_batch_size",
-            "8",
-            "--max_train_steps",
-            "3",
-            "--learning_rate",
-            "0.05",
-            "--clip_norm",
-            "1.0",
-            "--noise_multiplier",
-            "0.5",
-            "--delta",
-            "1e-3",
-            "--lora_r",
-            "4",
-            "--lora_alpha",
-            "8",
-            "--seed",
-            "5",
-        ]
-    )
+    sizes = dict(block_size=64, per_device_train_batch_size=8, max_train_steps=3, learning_rate=0.05)
+    dp = dict(clip_norm="1.0", noise_multiplier=0.5, delta=1e-3)
+    train_clm.main(train_args(tiny_llama, data, out, **sizes, **dp, lora_r=4, lora_alpha=8, seed=5))
     reset_accelerate()
     return str(out)
 
@@ -168,18 +114,8 @@ def test_trained_adapter_loads_in_peft_with_every_tensor_matched(trained, tiny_l
     assert not [k for k in result.missing_keys if "lora_" in k and ".again." in k]
     for kind in ("folder", "bin"):
         reset_accelerate()
-        args = inference_generation_instruction.parse_args(
-            [
-                "--model_name_or_path",
-                tiny_llama,
-                "--lora_weights_path",
-                adapter_path(trained, kind),
-                "--instruction_file",
-                "unused",
-                "--output_dir",
-                "unused",
-            ]
-        )
+        argv = instruction_args(tiny_llama, "unused", "unused", lora_weights_path=adapter_path(trained, kind))
+        args = inference_generation_instruction.parse_args(argv)
         model, _ = load_generation_model(args, Accelerator(cpu=True))
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
@@ -205,50 +141,18 @@ def test_instruction_counts_one_process(trained, tiny_llama, instruction_file, t
 @pytest.mark.parametrize("kind", ["folder", "bin"])
 def test_instruction_counts_two_processes(trained, tiny_llama, instruction_file, tmp_path, kind):
     out = tmp_path / "two"
-    cmd = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "inference_generation_instruction.py",
-        "--model_name_or_path",
-        tiny_llama,
-        "--lora_weights_path",
-        adapter_path(trained, kind),
-        "--instruction_file",
-        instruction_file,
-        "--output_dir",
-        str(out),
-        "--max_new_tokens",
-        "8",
-        "--batch_size",
-        "2",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch = cli_flags(multi_gpu=True, num_processes=2, num_machines=1, mixed_precision="no", dynamo_backend="no")
+    launch += cli_flags(main_process_port=free_port())
+    generation = dict(lora_weights_path=adapter_path(trained, kind), max_new_tokens=8, batch_size=2)
+    args = instruction_args(tiny_llama, instruction_file, out, **generation)
+    run_ok(["accelerate", "launch", *launch, "inference_generation_instruction.py", *args], ENV)
     assert json.loads((out / "generation_info.json").read_text())["num_processes"] == 2
     records = read_jsonl(out / "generations.jsonl")
     assert collections.Counter(r["instruction"] for r in records) == COUNTS and len(records) == 5
     assert not [f for f in os.listdir(out) if ".part-" in f]
     # batches are seeded by their first prompt's index: the process count does not change the samples
-    one = instruct(
-        tiny_llama,
-        tmp_path / "one",
-        instruction_file,
-        "--lora_weights_path",
-        adapter_path(trained, kind),
-        "--batch_size",
-        "2",
-    )
+    adapter = adapter_path(trained, kind)
+    one = instruct(tiny_llama, tmp_path / "one", instruction_file, "--lora_weights_path", adapter, "--batch_size", "2")
     assert records == one
 
 
@@ -273,18 +177,8 @@ def test_killed_generation_resumes_without_duplicates_or_losses(trained, tiny_ll
     instructions = write_instructions(
         tmp_path / "many.txt", ["Tell me about lists. #### 60", "What is a tuple? #### 60"]
     )
-    args = [
-        "--model_name_or_path",
-        tiny_llama,
-        "--lora_weights_path",
-        trained,
-        "--instruction_file",
-        instructions,
-        "--max_new_tokens",
-        "16",
-        "--batch_size",
-        "2",
-    ]
+    args = cli_flags(model_name_or_path=tiny_llama, lora_weights_path=trained, instruction_file=instructions)
+    args += cli_flags(max_new_tokens=16, batch_size=2)
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "inference_generation_instruction.py", *args, "--output_dir", str(out)],
@@ -323,26 +217,8 @@ def test_generations_train_again(trained, tiny_llama, instruction_file, tmp_path
     generations = str(tmp_path / "gen" / "generations.jsonl")
     assert len(load_records_file(generations)) == 5
     reset_accelerate()
-    train_clm.main(
-        [
-            "--train_file",
-            generations,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(tmp_path / "again"),
-            "--block_size",
-            "32",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_train_steps",
-            "1",
-            "--clip_norm",
-            "-1",
-            "--noise_multiplier",
-            "-1",
-        ]
-    )
+    sizes = dict(block_size=32, per_device_train_batch_size=2, max_train_steps=1)
+    train_clm.main(train_args(tiny_llama, generations, tmp_path / "again", **sizes, clip_norm=-1, noise_multiplier=-1))
     assert (tmp_path / "again" / "adapter_model.safetensors").exists()
 
 
@@ -352,17 +228,7 @@ def test_merge_lora_gives_the_same_logits(trained, tiny_llama):
     for merge in ([], ["--merge_lora"]):
         reset_accelerate()
         args = inference_generation_instruction.parse_args(
-            [
-                "--model_name_or_path",
-                tiny_llama,
-                "--lora_weights_path",
-                trained,
-                "--instruction_file",
-                "unused",
-                "--output_dir",
-                "unused",
-                *merge,
-            ]
+            instruction_args(tiny_llama, "unused", "unused", *merge, lora_weights_path=trained)
         )
         model, _ = load_generation_model(args, Accelerator(cpu=True))
         assert isinstance(model, PeftModel) != bool(merge)
@@ -390,23 +256,9 @@ def test_malformed_instruction_line_is_refused_naming_it(tiny_llama, tmp_path, b
 
 def test_malformed_instruction_file_exits_2_with_one_line(tiny_llama, tmp_path):
     instructions = write_instructions(tmp_path / "bad.txt", ["Describe a list. #### 3", "", "oops ####"])
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "inference_generation_instruction.py",
-            "--model_name_or_path",
-            tiny_llama,
-            "--instruction_file",
-            instructions,
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = instruction_args(tiny_llama, instructions, tmp_path / "out")
+    cmd = [sys.executable, "inference_generation_instruction.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {instructions}, line 3: expected `instruction text #### N` with N a whole number >= 1, got 'oops ####'"
@@ -434,23 +286,9 @@ def test_prompts_from_a_data_file_are_refused_unless_declared_public(tiny_llama,
     records = write_records(tmp_path / "private.jsonl", [(secret, "a"), ("Q2:", "b")], jsonl=True)
     for flag in ("--train_file", "--validation_file"):
         out = tmp_path / f"out{flag}"
-        result = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(ROOT, "inference_generation_dataset.py"),
-                flag,
-                records,
-                "--model_name_or_path",
-                tiny_llama,
-                "--output_dir",
-                str(out),
-                "--max_new_tokens",
-                "4",
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        args = [flag, records, *cli_flags(model_name_or_path=tiny_llama, output_dir=str(out), max_new_tokens=4)]
+        cmd = [sys.executable, os.path.join(ROOT, "inference_generation_dataset.py"), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 2 and "--prompts_are_public" in result.stderr
         assert result.stderr.startswith(f"error: {records}:") and len(result.stderr.strip().splitlines()) == 1
         assert not out.exists()
@@ -461,21 +299,8 @@ def test_prompts_from_a_data_file_are_refused_unless_declared_public(tiny_llama,
 def test_dataset_script_prompts(tiny_llama, tmp_path):
     records = write_records(tmp_path / "val.jsonl", [("Q1:", "a"), ("Q2:", "b"), ("", "c")], jsonl=True)
     reset_accelerate()
-    path = inference_generation_dataset.main(
-        [
-            "--validation_file",
-            records,
-            "--num_samples",
-            "7",
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(tmp_path / "file"),
-            "--max_new_tokens",
-            "4",
-            "--prompts_are_public",
-        ]
-    )
+    args = cli_flags(validation_file=records, num_samples=7, model_name_or_path=tiny_llama, prompts_are_public=True)
+    path = inference_generation_dataset.main([*args, *cli_flags(output_dir=tmp_path / "file", max_new_tokens=4)])
     assert [r["instruction"] for r in read_jsonl(path)] == ["Q1:", "Q2:", ""] * 2 + ["Q1:"]
 
     pubmed = tmp_path / "pubmed"
@@ -486,20 +311,6 @@ def test_dataset_script_prompts(tiny_llama, tmp_path):
         }
     ).save_to_disk(str(pubmed))
     reset_accelerate()
-    path = inference_generation_dataset.main(
-        [
-            "--dataset_name",
-            "pubmed_generation",
-            "--dataset_dir",
-            str(pubmed),
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(tmp_path / "pm"),
-            "--max_new_tokens",
-            "4",
-            "--num_samples",
-            "2",
-        ]
-    )
+    args = cli_flags(dataset_name="pubmed_generation", dataset_dir=pubmed, model_name_or_path=tiny_llama, num_samples=2)
+    path = inference_generation_dataset.main([*args, *cli_flags(output_dir=tmp_path / "pm", max_new_tokens=4)])
     assert [r["instruction"] for r in read_jsonl(path)] == ["Abstract:", "Abstract:"]

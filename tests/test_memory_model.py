@@ -22,15 +22,8 @@ def test_counts_match_a_built_model_and_peft(tied):
     from utils.lora_utils import add_lora
     from utils.memory_model import lora_parameter_count, parameter_counts, shape_of
 
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
+    config = LlamaConfig(**sizes, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied)
     model = LlamaForCausalLM(config)
     shape = shape_of(config)
     assert parameter_counts(shape)["total"] == sum(p.numel() for p in model.parameters())
@@ -69,12 +62,6 @@ def test_shape_of_a_transformers_config():
 
     from utils.memory_model import Shape, shape_of
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-    )
+    sizes = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80)
+    config = LlamaConfig(**sizes, num_attention_heads=64, num_key_value_heads=8)
     assert shape_of(config) == Shape(32000, 8192, 28672, 80, 64, 8)

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write_records
+from conftest import train_args, write_records
 from prv_accountant import Accountant
 
 import train_clm
@@ -13,29 +13,8 @@ from utils import privacy
 
 
 def run(model, data, out, *extra):
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            model,
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "32",
-            "--per_device_train_batch_size",
-            "4",
-            "--gradient_accumulation_steps",
-            "2",
-            "--clip_norm",
-            "1",
-            "--max_train_steps",
-            "10",
-            "--delta",
-            "1e-3",
-            *extra,
-        ]
-    )
+    sizes = dict(block_size=32, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_steps=10)
+    train_clm.main([*train_args(model, data, out, **sizes, clip_norm=1, delta=1e-3), *extra])
     return json.loads(open(os.path.join(out, "privacy_report.json")).read())
 
 
@@ -128,30 +107,8 @@ def test_run_stops_before_exceeding_its_target(tiny_llama, text_records, tmp_pat
 def test_shuffle_runs_from_epochs_and_says_its_epsilon_is_a_poisson_figure(tiny_llama, text_records, tmp_path, capsys):
     data = write_records(tmp_path / "d.json", text_records[:60])
     out = tmp_path / "out"
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "32",
-            "--per_device_train_batch_size",
-            "8",
-            "--clip_norm",
-            "1",
-            "--noise_multiplier",
-            "1.0",
-            "--delta",
-            "1e-3",
-            "--sampling",
-            "shuffle",
-            "--num_train_epochs",
-            "1.5",
-        ]
-    )
+    sizes = dict(block_size=32, per_device_train_batch_size=8, num_train_epochs=1.5, sampling="shuffle")
+    train_clm.main(train_args(tiny_llama, data, out, **sizes, clip_norm=1, noise_multiplier="1.0", delta=1e-3))
     report = json.loads((out / "privacy_report.json").read_text())
     results = json.loads((out / "all_results.json").read_text())
     assert report["steps"] == results["steps"] == 12  # 1.5 epochs of ceil(60 / 8) = 8 batches

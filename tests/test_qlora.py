@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_records
+from conftest import train_args, write_records
 
 NO_BNB = "bitsandbytes is not installed (optional: pip install bitsandbytes==0.50.2); its CPU backend runs these"
 
@@ -82,33 +82,9 @@ def test_train_clm_with_load_in_4bit(tiny_llama, text_records, tmp_path):
 
     data = write_records(tmp_path / "d.jsonl", text_records[:24], jsonl=True)
     out = tmp_path / "out"
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(out),
-            "--load_in_4bit",
-            "--block_size",
-            "48",
-            "--per_device_train_batch_size",
-            "4",
-            "--max_train_steps",
-            "2",
-            "--clip_norm",
-            "1",
-            "--noise_multiplier",
-            "1",
-            "--delta",
-            "1e-3",
-            "--lora_r",
-            "4",
-            "--lora_alpha",
-            "8",
-        ]
-    )
+    sizes = dict(block_size=48, per_device_train_batch_size=4, max_train_steps=2, lora_r=4, lora_alpha=8)
+    dp = dict(clip_norm=1, noise_multiplier=1, delta=1e-3)
+    train_clm.main(train_args(tiny_llama, data, out, load_in_4bit=True, **sizes, **dp))
     from transformers import AutoModelForCausalLM
 
     trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))

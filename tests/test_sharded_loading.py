@@ -8,38 +8,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_records
+from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
+
+from utils.dist_utils import accelerate_launch_command, free_port, torchrun_command
 
 COMMON = [
-    "--block_size",
-    "64",
-    "--clip_norm",
-    "0.5",
-    "--noise_multiplier",
-    "0.7",
-    "--max_train_steps",
-    "2",
-    "--delta",
-    "1e-3",
-    "--seed",
-    "5",
-    "--insecure_dp_seed",
-    "13",
-    "--gradient_accumulation_steps",
-    "2",
-    "--sampling",
-    "poisson",
-    "--learning_rate",
-    "1e-2",
-    "--lr_scheduler_type",
-    "constant",
+    *cli_flags(block_size=64, clip_norm=0.5, noise_multiplier=0.7, max_train_steps=2, delta=1e-3, seed=5),
+    *cli_flags(insecure_dp_seed=13, gradient_accumulation_steps=2, sampling="poisson", learning_rate=1e-2),
+    *cli_flags(lr_scheduler_type="constant"),
 ]
+WORKER = os.path.join("tests", "fsdp_worker.py")
 TIMEOUT = 300
 
 
@@ -52,27 +34,6 @@ def adapter(folder):
 def report(folder, name="privacy_report.json"):
     with open(os.path.join(folder, name)) as f:
         return json.load(f)
-
-
-def relative_difference(a, b, select=""):
-    keys = [k for k in a if select in k]
-    assert keys and set(a) == set(b)
-    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
-    return float((num / sum((a[k].double() ** 2).sum() for k in keys)).sqrt())
-
-
-def _env():
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", HF_HUB_OFFLINE="1"
-    )
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reports(folder):
@@ -99,14 +60,9 @@ def checkpoint(tiny_llama, text_records, tmp_path_factory):
     model = save_sharded(tiny_llama, folder / "model")
     with open(os.path.join(model, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) >= 3  # really several shards
-    data = [
-        "--train_file",
-        write_records(folder / "train.jsonl", text_records[:40], jsonl=True),
-        "--validation_file",
-        write_records(folder / "val.jsonl", text_records[40:48], jsonl=True),
-        "--model_name_or_path",
-        model,
-    ]
+    train = write_records(folder / "train.jsonl", text_records[:40], jsonl=True)
+    val = write_records(folder / "val.jsonl", text_records[40:48], jsonl=True)
+    data = cli_flags(train_file=train, validation_file=val, model_name_or_path=model)
     return {"folder": folder, "model": model, "data": data}
 
 
@@ -116,8 +72,13 @@ def setup(checkpoint):
     import train_clm
 
     one = str(checkpoint["folder"] / "one")
-    train_clm.main([*checkpoint["data"], *COMMON, "--per_device_train_batch_size", "4", "--output_dir", one])
+    train_clm.main([*checkpoint["data"], *COMMON, *cli_flags(per_device_train_batch_size=4, output_dir=one)])
     return {**checkpoint, "one": one}
+
+
+def two_process_args(setup, out, **options):
+    """train_clm.py's arguments for each of two processes (2 records each) writing to `out`."""
+    return [*setup["data"], *COMMON, *cli_flags(per_device_train_batch_size=2, output_dir=out, **options)]
 
 
 def _unsharded_lora_checksum(model_dir):
@@ -132,29 +93,8 @@ def _unsharded_lora_checksum(model_dir):
 
 def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup):
     out, reports = str(setup["folder"] / "two"), str(setup["folder"] / "two_reports")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join("tests", "fsdp_worker.py"),
-        *setup["data"],
-        *COMMON,
-        "--per_device_train_batch_size",
-        "2",
-        "--output_dir",
-        out,
-        "--fsdp",
-        "--gradient_ckpt",
-        "--debug_sync_check",
-        "1",
-    ]
-    result = subprocess.run(
-        cmd, cwd=ROOT, env=dict(_env(), FSDP_WORKER_REPORT=reports), capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    args = two_process_args(setup, out, fsdp=True, gradient_ckpt=True, debug_sync_check=1)
+    run_ok(torchrun_command(2, WORKER, *args), process_env(FSDP_WORKER_REPORT=reports), TIMEOUT)
     ranks = _reports(reports)
     total = ranks[0]["loaded"]["checkpoint_bytes"]
     for rank in ranks:
@@ -178,35 +118,14 @@ def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup)
 def test_two_machine_config_runs_as_two_one_process_machines(setup):
     """accelerate_configs/fsdp_2machines_8gpus.cfg with num_processes and the address overridden,
     exactly as the README's steps do on real machines; each 'machine' starts one process."""
-    out, reports, port = str(setup["folder"] / "machines"), str(setup["folder"] / "machine_reports"), _free_port()
-    base = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join("accelerate_configs", "fsdp_2machines_8gpus.cfg"),
-        "--num_processes",
-        "2",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        "no",
-    ]
-    script = [
-        os.path.join("tests", "fsdp_worker.py"),
-        *setup["data"],
-        *COMMON,
-        "--per_device_train_batch_size",
-        "2",
-        "--output_dir",
-        out,
-    ]
-    env = dict(_env(), FSDP_WORKER_REPORT=reports)
+    out, reports, port = str(setup["folder"] / "machines"), str(setup["folder"] / "machine_reports"), free_port()
+    config = os.path.join("accelerate_configs", "fsdp_2machines_8gpus.cfg")
+    overrides = cli_flags(num_processes=2, main_process_ip="127.0.0.1", main_process_port=port, mixed_precision="no")
+    script = [WORKER, *two_process_args(setup, out)]
+    env = process_env(FSDP_WORKER_REPORT=reports)
     machines = [
         subprocess.Popen(
-            [*base, "--machine_rank", str(rank), *script],
+            accelerate_launch_command(config, *overrides, *cli_flags(machine_rank=rank), *script),
             cwd=ROOT,
             env=env,
             text=True,
@@ -303,21 +222,8 @@ def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, dam
 def test_broken_shard_under_torchrun_exits_2_with_one_line(checkpoint, tmp_path):
     folder, shard, _ = _broken(checkpoint, tmp_path, _missing)
     data = [str(folder) if x == checkpoint["model"] else x for x in checkpoint["data"]]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "1",
-        "train_clm.py",
-        *data,
-        *COMMON,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--fsdp",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = torchrun_command(1, "train_clm.py", *data, *COMMON, *cli_flags(output_dir=tmp_path / "out", fsdp=True))
+    result = subprocess.run(cmd, cwd=ROOT, env=process_env(), capture_output=True, text=True, timeout=TIMEOUT)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and shard in errors[0], result.stderr[-3000:]
     # the worker exited 2 without a traceback of its own (torchrun adds its own report of the exit)

@@ -2,43 +2,21 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_records
+from conftest import ROOT, cli_flags, process_env, run_ok, train_args, write_records
 from safetensors.torch import load_file
 
 import train_clm
 
 
-def train(model, data, out, *extra, batch=2, accumulation=2, clip="1.0", sigma="1.0"):
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            model,
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "64",
-            "--per_device_train_batch_size",
-            str(batch),
-            "--gradient_accumulation_steps",
-            str(accumulation),
-            "--clip_norm",
-            clip,
-            "--noise_multiplier",
-            sigma,
-            "--delta",
-            "1e-3",
-            "--seed",
-            "3",
-            *extra,
-        ]
-    )
+def train(model, data, out, *extra, batch=2, accumulation=2, clip="1.0", sigma="1.0", **options):
+    """One in-process run; `options` are more flags as in cli_flags, `extra` ready-made ones."""
+    sizes = dict(block_size=64, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+    privacy = dict(clip_norm=clip, noise_multiplier=sigma, delta=1e-3)
+    train_clm.main([*train_args(model, data, out, **sizes, **privacy, seed=3, **options), *extra])
     return str(out)
 
 
@@ -49,43 +27,11 @@ def adapter(folder):
 def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_path):
     data = write_records(tmp_path / "train.jsonl", text_records[:24], jsonl=True)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "train_clm.py"),
-            "--train_file",
-            data,
-            "--validation_file",
-            data,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(out),
-            "--block_size",
-            "64",
-            "--per_device_train_batch_size",
-            "4",
-            "--gradient_accumulation_steps",
-            "2",
-            "--clip_norm",
-            "1",
-            "--noise_multiplier",
-            "1",
-            "--max_train_steps",
-            "3",
-            "--delta",
-            "1e-3",
-            "--eval_freq",
-            "2",
-            "--with_tracking",
-            "--report_to",
-            "tensorboard",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = dict(block_size=64, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_steps=3)
+    privacy = dict(clip_norm=1, noise_multiplier=1, delta=1e-3)
+    tracking = dict(validation_file=data, eval_freq=2, with_tracking=True, report_to="tensorboard")
+    args = train_args(tiny_llama, data, out, **sizes, **privacy, **tracking)
+    result = run_ok([sys.executable, os.path.join(ROOT, "train_clm.py"), *args], process_env(), timeout=600)
     for name in [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -118,39 +64,11 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
 def test_loss_goes_down_without_privacy(tiny_llama, text_records, tmp_path):
     data = write_records(tmp_path / "train.json", text_records[:64])
     # a random model's output layer is near-uniform; adapting it too lets a few steps show learning
-    targets = ["--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,lm_head"]
-    out = train(
-        tiny_llama,
-        data,
-        tmp_path / "out",
-        "--validation_file",
-        data,
-        "--max_train_steps",
-        "25",
-        *targets,
-        "--learning_rate",
-        "1e-2",
-        "--lr_scheduler_type",
-        "constant",
-        "--sampling",
-        "shuffle",
-        batch=8,
-        accumulation=1,
-        clip="-1",
-        sigma="-1",
-    )
-    before = train(
-        tiny_llama,
-        data,
-        tmp_path / "init",
-        "--validation_file",
-        data,
-        "--max_train_steps",
-        "0",
-        *targets,
-        clip="-1",
-        sigma="-1",
-    )
+    targets = "q_proj,k_proj,v_proj,o_proj,lm_head"
+    common = dict(validation_file=data, lora_target_modules=targets, clip="-1", sigma="-1")
+    schedule = dict(learning_rate=1e-2, lr_scheduler_type="constant", sampling="shuffle")
+    out = train(tiny_llama, data, tmp_path / "out", max_train_steps=25, **schedule, batch=8, accumulation=1, **common)
+    before = train(tiny_llama, data, tmp_path / "init", max_train_steps=0, **common)
     after_loss = json.loads(open(os.path.join(out, "all_results.json")).read())["eval_loss"]
     before_loss = json.loads(open(os.path.join(before, "all_results.json")).read())["eval_loss"]
     assert after_loss < before_loss - 0.5, (before_loss, after_loss)
@@ -170,20 +88,8 @@ def test_max_train_steps_zero_saves_the_seeded_initial_adapter(tiny_llama, text_
 def test_dp_update_is_mean_of_clipped_single_record_gradients(tiny_llama, text_records, tmp_path, ckpt):
     """The acceptance check: each g_i measured by a one-record non-private SGD step of the script."""
     records = text_records[:4]
-    sgd = [
-        "--optimizer",
-        "sgd",
-        "--learning_rate",
-        "1",
-        "--weight_decay",
-        "0",
-        "--lr_scheduler_type",
-        "constant",
-        "--sampling",
-        "shuffle",
-        "--max_train_steps",
-        "1",
-    ]
+    sgd = cli_flags(optimizer="sgd", learning_rate=1, weight_decay=0, lr_scheduler_type="constant", sampling="shuffle")
+    sgd += cli_flags(max_train_steps=1)
     data = write_records(tmp_path / "four.json", records)
     initial = adapter(train(tiny_llama, data, tmp_path / "init", "--max_train_steps", "0"))
     per_record = []

@@ -13,10 +13,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, torchrun_command, train_args
 from prv_accountant import Accountant
 from safetensors.torch import load_file
-from test_distributed import _env, _run, relative_difference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_clm
@@ -31,24 +30,10 @@ TEXTS = [
     "the fourth record of this unit",
     "and a fifth, the last of them",
 ]
-SGD = [
-    "--optimizer",
-    "sgd",
-    "--learning_rate",
-    "0.5",
-    "--lr_scheduler_type",
-    "constant",
-    "--noise_multiplier",
-    "0",
-    "--block_size",
-    "32",
-    "--seed",
-    "3",
-    "--insecure_dp_seed",
-    "5",
-    "--lora_target_modules",
-    "q_proj,v_proj,lm_head",
-]
+TARGETS = "q_proj,v_proj,lm_head"
+ONE_STEP = dict(max_train_steps=1, per_device_train_batch_size=1)
+SGD = cli_flags(optimizer="sgd", learning_rate=0.5, lr_scheduler_type="constant", noise_multiplier=0, block_size=32)
+SGD += cli_flags(seed=3, insecure_dp_seed=5, lora_target_modules=TARGETS)
 
 
 def write_units(path, units):
@@ -60,22 +45,10 @@ def write_units(path, units):
     return str(path)
 
 
-def train(model, data, out, *extra):
-    train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            model,
-            "--output_dir",
-            str(out),
-            "--privacy_unit_key",
-            "user",
-            "--delta",
-            "0.1",
-            *extra,
-        ]
-    )
+def train(model, data, out, *extra, **options):
+    """One run with 'user' as the privacy unit; `options` are more flags as in cli_flags (they win)."""
+    options = {"privacy_unit_key": "user", "delta": 0.1} | options
+    train_clm.main([*train_args(model, data, out, **options), *extra])
     return load_file(os.path.join(out, "adapter_model.safetensors"))
 
 
@@ -109,27 +82,9 @@ def initial(tiny_llama, tmp_path_factory):
     """The seeded initial adapter (step 0) with B randomised by one non-private step, so that A has gradients."""
     folder = tmp_path_factory.mktemp("initial")
     data = write_units(folder / "warm.jsonl", {"w": TEXTS})
+    no_dp = dict(clip_norm=-1, noise_multiplier=-1, max_train_steps=0)
     train_clm.main(
-        [
-            "--train_file",
-            data,
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(folder / "out"),
-            "--clip_norm",
-            "-1",
-            "--noise_multiplier",
-            "-1",
-            "--max_train_steps",
-            "0",
-            "--seed",
-            "3",
-            "--lora_target_modules",
-            "q_proj,v_proj,lm_head",
-            "--block_size",
-            "32",
-        ]
+        train_args(tiny_llama, data, folder / "out", **no_dp, seed=3, lora_target_modules=TARGETS, block_size=32)
     )
     return str(folder / "out")
 
@@ -140,20 +95,7 @@ def test_a_unit_moves_the_adapter_by_the_clipped_mean_of_its_records(tiny_llama,
     mean = grads.mean(0)
     clip = float(mean.norm()) / 3  # the unit's gradient is clipped
     data = write_units(tmp_path / "d.jsonl", {"alice": TEXTS[:3]})  # U = 1, q = 1: the unit is always sampled
-    after = train(
-        tiny_llama,
-        data,
-        tmp_path / "out",
-        *SGD,
-        "--clip_norm",
-        str(clip),
-        "--max_train_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "1",
-        "--max_records_per_unit",
-        "4",
-    )
+    after = train(tiny_llama, data, tmp_path / "out", *SGD, clip_norm=clip, **ONE_STEP, max_records_per_unit=4)
     got = update(before, after, names)
     assert torch.allclose(got, clipped(mean, clip), rtol=1e-4, atol=1e-6 * float(mean.abs().max()))
     # not what clipping each record separately would give
@@ -164,20 +106,7 @@ def test_a_unit_contributes_at_most_k_records(tiny_llama, initial, tmp_path):
     names, grads = one_record_gradients(tiny_llama, initial, TEXTS)
     before = load_file(os.path.join(initial, "adapter_model.safetensors"))
     data = write_units(tmp_path / "d.jsonl", {"bob": TEXTS})
-    after = train(
-        tiny_llama,
-        data,
-        tmp_path / "out",
-        *SGD,
-        "--clip_norm",
-        "100",
-        "--max_train_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "1",
-        "--max_records_per_unit",
-        "2",
-    )
+    after = train(tiny_llama, data, tmp_path / "out", *SGD, clip_norm=100, **ONE_STEP, max_records_per_unit=2)
     got = update(before, after, names)
     matches = [
         pair
@@ -194,20 +123,7 @@ def test_units_in_separate_micro_batches_are_each_clipped_once(tiny_llama, initi
     clip = float(grads[:3].mean(0).norm()) / 2
     data = write_units(tmp_path / "d.jsonl", {u: [TEXTS[i] for i in ix] for u, ix in units.items()})
     # one unit per micro-batch, two micro-batches per step, U = 2 = B: both units every step
-    after = train(
-        tiny_llama,
-        data,
-        tmp_path / "out",
-        *SGD,
-        "--clip_norm",
-        str(clip),
-        "--max_train_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "1",
-        "--gradient_accumulation_steps",
-        "2",
-    )
+    after = train(tiny_llama, data, tmp_path / "out", *SGD, clip_norm=clip, **ONE_STEP, gradient_accumulation_steps=2)
     expected = sum(clipped(grads[ix].mean(0), clip) for ix in units.values()) / 2
     assert torch.allclose(update(before, after, names), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
@@ -216,28 +132,10 @@ def test_every_record_its_own_unit_equals_the_record_level_run(tiny_llama, text_
     records = [{"instruction": i, "answer": a, "user": k} for k, (i, a) in enumerate(text_records[:48])]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = [
-        "--train_file",
-        str(data),
-        "--model_name_or_path",
-        tiny_llama,
-        "--block_size",
-        "48",
-        "--delta",
-        "1e-3",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "2",
-        "--noise_multiplier",
-        "0.8",
-        "--max_train_steps",
-        "4",
-        "--insecure_dp_seed",
-        "9",
-    ]
-    train_clm.main([*common, "--output_dir", str(tmp_path / "records")])
-    train_clm.main([*common, "--output_dir", str(tmp_path / "units"), "--privacy_unit_key", "user"])
+    sizes = dict(block_size=48, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_steps=4)
+    common = dict(**sizes, delta=1e-3, noise_multiplier=0.8, insecure_dp_seed=9)
+    train_clm.main(train_args(tiny_llama, str(data), tmp_path / "records", **common))
+    train_clm.main(train_args(tiny_llama, str(data), tmp_path / "units", **common, privacy_unit_key="user"))
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("records", "units"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / name / "privacy_report.json").read_text()) for name in ("records", "units"))
@@ -247,27 +145,9 @@ def test_every_record_its_own_unit_equals_the_record_level_run(tiny_llama, text_
 def test_epsilon_is_accounted_over_units(tiny_llama, tmp_path):
     units = {f"u{k}": TEXTS[: 1 + k % 4] for k in range(20)}  # 20 units, 50 records
     data = write_units(tmp_path / "d.jsonl", units)
-    train(
-        tiny_llama,
-        data,
-        tmp_path / "out",
-        "--noise_multiplier",
-        "1.0",
-        "--train_loss",
-        "off",
-        "--clip_norm",
-        "1",
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--max_train_steps",
-        "10",
-        "--block_size",
-        "32",
-        "--delta",
-        "1e-2",
-    )
+    sizes = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=10, block_size=32)
+    dp = dict(noise_multiplier="1.0", train_loss="off", clip_norm=1, delta=1e-2)
+    train(tiny_llama, data, tmp_path / "out", **dp, **sizes)
     report = json.loads((tmp_path / "out" / "privacy_report.json").read_text())
     assert report["num_units"] == report["dataset_size"] == 20 and report["sampling_rate"] == 4 / 20
     assert report["max_records_per_unit"] == 4 and report["privacy_unit"] == "user"
@@ -280,52 +160,16 @@ def test_epsilon_is_accounted_over_units(tiny_llama, tmp_path):
 def test_two_processes_equal_one_for_units(tiny_llama, tmp_path):
     units = {f"u{k}": [f"{t} (unit {k})" for t in TEXTS[: 1 + k % 5]] for k in range(16)}
     data = write_units(tmp_path / "d.jsonl", units)
-    common = [
-        "--train_file",
-        data,
-        "--model_name_or_path",
-        tiny_llama,
-        "--privacy_unit_key",
-        "user",
-        "--max_records_per_unit",
-        "3",
-        "--block_size",
-        "32",
-        "--clip_norm",
-        "0.5",
-        "--noise_multiplier",
-        "0.7",
-        "--delta",
-        "1e-2",
-        "--max_train_steps",
-        "3",
-        "--insecure_dp_seed",
-        "11",
-        "--gradient_accumulation_steps",
-        "2",
-        "--learning_rate",
-        "1e-2",
-        "--seed",
-        "3",
-    ]
+    unit = dict(privacy_unit_key="user", max_records_per_unit=3)
+    dp = dict(clip_norm=0.5, noise_multiplier=0.7, delta=1e-2, insecure_dp_seed=11, seed=3)
+    common = dict(**unit, **dp, block_size=32, max_train_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _run([sys.executable, "train_clm.py", *common, "--per_device_train_batch_size", "4", "--output_dir", one], _env(2))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "train_clm.py",
-            *common,
-            "--per_device_train_batch_size",
-            "2",
-            "--output_dir",
-            two,
-        ],
-        _env(1),
-    )
+
+    def args(out, batch):
+        return train_args(tiny_llama, data, out, **common, per_device_train_batch_size=batch)
+
+    run_ok([sys.executable, "train_clm.py", *args(one, 4)], process_env(2))
+    run_ok(torchrun_command(2, "train_clm.py", *args(two, 2)), process_env(1))
     assert json.loads(open(os.path.join(two, "privacy_report.json")).read())["num_processes"] == 2
     a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (one, two))
     assert relative_difference(b, a) < 1e-5 and relative_difference(a, {k: 0 * v for k, v in a.items()}, "lora_B") > 0
@@ -337,30 +181,11 @@ def test_a_bad_unit_id_is_one_line_naming_the_record(tiny_llama, tmp_path, value
     lines[3] = {"instruction": "", "answer": TEXTS[3], **({"user": value} if value is not None else {})}
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_clm.py",
-            "--train_file",
-            str(data),
-            "--model_name_or_path",
-            tiny_llama,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--privacy_unit_key",
-            "user",
-            "--block_size",
-            "32",
-            "--noise_multiplier",
-            "1",
-            "--delta",
-            "0.1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    args = train_args(
+        tiny_llama, str(data), tmp_path / "out", privacy_unit_key="user", block_size=32, noise_multiplier=1, delta=0.1
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "train_clm.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]  # progress bars may come first
     err = lines[-1]

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from utils.memory_model import Shape
+from utils.tiny_models import random_llama
+
 
 @dataclass
 class DownstreamConfig:
@@ -65,26 +68,11 @@ def pack(records, vocab, block_size):
 
 
 def build_model(vocab_size, config, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab_size,
-                hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-                num_hidden_layers=config.layers,
-                num_attention_heads=config.heads,
-                num_key_value_heads=config.heads,
-                max_position_embeddings=config.block_size,
-                tie_word_embeddings=True,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    return model
+    """The downstream model: a random Llama with tied embeddings, the same for every set at one seed."""
+    h, heads = config.hidden_size, config.heads
+    shape = Shape(vocab_size, h, config.intermediate_size, config.layers, heads, heads, tied=True).llama_config()
+    special = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return random_llama(seed=seed, max_position_embeddings=config.block_size, **special, **shape)
 
 
 def train(blocks, vocab_size, config, seed):

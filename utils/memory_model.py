@@ -37,6 +37,18 @@ class Shape:
     def kv_dim(self):
         return self.hidden // self.heads * self.kv_heads
 
+    def llama_config(self) -> dict:
+        """This shape as LlamaConfig fields (to build a random model of it)."""
+        return dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+        )
+
 
 LLAMA_2 = {
     "Llama 2 7B": Shape(32000, 4096, 11008, 32, 32, 32),

@@ -56,33 +56,21 @@ def train_tokenizer(folder: str, add_bos: bool):
     return fast
 
 
+# the tiny Llama of the tests: 2 layers, hidden 64, grouped-query attention
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
 def random_llama(
-    vocab_size: int,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    max_position_embeddings: int = 256,
-    dtype: torch.dtype = torch.float32,
-    device="cpu",
-    seed: int = 0,
-    **config,
+    dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, max_position_embeddings: int = 256, **shape
 ):
-    """A randomly initialised Llama of the given shape (untied embeddings unless config says so),
-    built directly on `device`; its weights depend only on `seed`."""
+    """A randomly initialised Llama of the given shape (LlamaConfig fields: vocab_size, hidden_size,
+    num_hidden_layers, ...; untied embeddings unless `shape` says so), built directly on `device`;
+    its weights depend only on `seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        **{"tie_word_embeddings": False, **config},
-    )
+    config = LlamaConfig(max_position_embeddings=max_position_embeddings, **{"tie_word_embeddings": False, **shape})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -91,37 +79,17 @@ def random_llama(
 
 def build_tiny_model(folder: str, kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
     """A random 2-layer model (hidden 64) saved with its tokenizer into `folder`."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = train_tokenizer(folder, add_bos=(kind == "llama"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if kind == "llama":
-            config = LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-                bos_token_id=0,
-                eos_token_id=1,
-            )
-            model = LlamaForCausalLM(config)
-        else:
-            config = GPT2Config(
-                vocab_size=len(tokenizer),
-                n_embd=64,
-                n_layer=2,
-                n_head=4,
-                n_positions=256,
-                bos_token_id=0,
-                eos_token_id=1,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-            )
+    if kind == "llama":
+        model = random_llama(seed=seed, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, **TINY_SHAPE)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            shape = dict(n_embd=TINY_SHAPE["hidden_size"], n_layer=2, n_head=4, n_positions=256)
+            no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, **shape, **no_dropout)
             model = GPT2LMHeadModel(config)
     model.to(dtype).save_pretrained(folder)
     return folder
