@@ -23,15 +23,13 @@ from types import SimpleNamespace
 import torch
 
 from scripts.benchmark import busy_cpu_seconds
-from utils.cli import UserInputError, run_cli
+from utils.cli import DefaultsHelpFormatter, UserInputError, run_cli
 from utils.data_utils import PUBMED_PROMPT, encode_prompt
 from utils.io_utils import write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default=None, help="default: models/SmolLM2-135M-Instruct")
     p.add_argument("--lora_weights_path", default=None, help="an adapter on top (unmerged unless --merge_lora)")
     p.add_argument("--merge_lora", action="store_true")

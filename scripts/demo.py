@@ -31,6 +31,7 @@ import sys
 import time
 
 from scripts.prepare_model import is_complete, smollm2_dir
+from utils.cli import DefaultsHelpFormatter
 from utils.data_utils import DEFAULT_PUBMED_DIR as DEFAULT_DATASET_DIR
 from utils.data_utils import PUBMED_PROMPT as PROMPT
 
@@ -38,9 +39,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "outputs", "demo"))
     p.add_argument("--target_epsilon", type=float, default=8.0)
     p.add_argument(

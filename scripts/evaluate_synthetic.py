@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from utils.cli import UserInputError, run_cli
+from utils.cli import DefaultsHelpFormatter, UserInputError, run_cli
 from utils.data_utils import DEFAULT_PUBMED_DIR, load_pubmed, load_records_file
 from utils.io_utils import publish_outputs, write_json, write_text
 from utils.synthetic_report import plot_report, report_table, worst_examples
@@ -45,9 +45,7 @@ SETTINGS = ("num_records", "test_records", "max_tokens", "seeds", "epochs", "mea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument(
         "--synthetic",
         action="append",

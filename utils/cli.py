@@ -1,5 +1,6 @@
 """The command-line contract every script shares: bad input is one line, exit status 2."""
 
+import argparse
 import sys
 import traceback
 
@@ -38,3 +39,10 @@ def cli_flags(**options) -> list[str]:
         if value is not True:
             flags.append(str(value))
     return flags
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except None: the help text says what an unset option means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
