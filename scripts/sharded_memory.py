@@ -1,6 +1,6 @@
-"""Peak memory per process of train_clm.py with the base whole, and sharded over 1 and 2 processes
-(sharded loading, utils/sharded_loading.py), on a random Llama of about 1B parameters; the adapters
-of the three runs compared; the memory model's predictions beside the measurements.
+"""Peak memory per process of train_clm.py with the base whole, and sharded over 1, 2 and 4
+processes (sharded loading, utils/sharded_loading.py), on a random Llama of about 1B parameters;
+the adapters of the runs compared; the memory model's predictions beside the measurements.
 
     python -m scripts.sharded_memory build --output models/random-llama-1.1b   # once, 4.4 GB on disk
     python -m scripts.sharded_memory measure --model models/random-llama-1.1b --json sharded.json
@@ -8,7 +8,7 @@ of the three runs compared; the memory model's predictions beside the measuremen
 `build` saves a random Llama with TinyLlama-1.1B's shape (vocab 32000, hidden 2048, 22 layers,
 4 key-value heads) in float32 as 1 GB safetensors shards, with a small tokenizer trained on local
 text. `measure` runs, one after another, on CPU (gloo): the unsharded one-process run; torchrun
-with 1 and with 2 processes and --fsdp; and the same one-process run on a 2-layer model, whose
+with 1, 2 and 4 processes and --fsdp (RUNS); and the same one-process run on a 2-layer model, whose
 peak is the process's fixed cost (interpreter, libraries, data) the memory model adds. Each
 process reports its own peak resident set (VmHWM from /proc, Linux), which, unlike a time, does
 not depend on what else the machine runs. The logical batch is the same in every run (4 records),
@@ -48,7 +48,13 @@ LOGICAL_BATCH = 4
 PREDICT_OPTIONS = dict(
     base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH, block_size=64, lora_r=16, gradient_ckpt=False
 )
-FOLDERS = {"whole, 1 process": "whole", "sharded, 1 process": "sharded1", "sharded, 2 processes": "sharded2"}
+# (label, output folder, processes, FSDP, OpenMP threads per process): the runs of `measure`
+RUNS = [
+    ("whole, 1 process", "whole", 1, False, 2),
+    ("sharded, 1 process", "sharded1", 1, True, 2),
+    ("sharded, 2 processes", "sharded2", 2, True, 1),
+    ("sharded, 4 processes", "sharded4", 4, True, 1),
+]
 
 
 def parse_args(argv=None):
@@ -201,11 +207,10 @@ def predictions(model, fixed_bytes):
     from utils.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(model))
-    common = dict(PREDICT_OPTIONS, fixed_bytes=fixed_bytes)
+    options = dict(PREDICT_OPTIONS, fixed_bytes=fixed_bytes)
     return {
-        "whole, 1 process": predict(shape, 1, fsdp=False, **common),
-        "sharded, 1 process": predict(shape, 1, fsdp=True, **common),
-        "sharded, 2 processes": predict(shape, 2, fsdp=True, **{**common, "micro_batch": LOGICAL_BATCH // 2}),
+        label: predict(shape, n, fsdp=fsdp, **{**options, "micro_batch": LOGICAL_BATCH // n})
+        for label, _, n, fsdp, _ in RUNS
     }
 
 
@@ -213,14 +218,14 @@ def measure(args):
     from utils.tiny_models import build_tiny_model
 
     work = args.work_dir or tempfile.mkdtemp(prefix="sharded_memory_")
+    os.makedirs(work, exist_ok=True)
     data = write_data(work)
     env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
     tiny = build_tiny_model(os.path.join(work, "tiny"))
     baseline = launch(tiny, data, os.path.join(work, "fixed"), 1, False, 2, env)[0]["peak_rss_bytes"]
     runs = {
-        "whole, 1 process": launch(args.model, data, os.path.join(work, "whole"), 1, False, 2, env),
-        "sharded, 1 process": launch(args.model, data, os.path.join(work, "sharded1"), 1, True, 2, env),
-        "sharded, 2 processes": launch(args.model, data, os.path.join(work, "sharded2"), 2, True, 1, env),
+        label: launch(args.model, data, os.path.join(work, folder), n, fsdp, threads, env)
+        for label, folder, n, fsdp, threads in RUNS
     }
     fixed = baseline - predict_tiny_model(tiny)
     predicted = predictions(args.model, fixed)
@@ -231,9 +236,9 @@ def measure(args):
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "runs": {},
     }
-    for label, reports in runs.items():
+    for label, folder, *_ in RUNS:
+        reports = runs[label]
         peak = max(r["peak_rss_bytes"] for r in reports)
-        folder = FOLDERS[label]
         result["runs"][label] = {
             "peak_rss_gib_per_process": [round(r["peak_rss_bytes"] / 2**30, 3) for r in reports],
             "peak_rss_gib_through_loading": [
