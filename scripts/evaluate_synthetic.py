@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--epochs",
         type=float,
-        default=4.0,
+        default=8.0,
         help="downstream training tokens: this many passes over the real records' tokens",
     )
     p.add_argument("--measures", default=",".join(MEASURES), help="comma list of " + ", ".join(MEASURES))

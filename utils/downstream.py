@@ -32,7 +32,9 @@ class DownstreamConfig:
     block_size: int = 65  # tokens per training block: a separator and a 64-token record
     batch_size: int = 8
     train_tokens: int = 0  # 0: epochs x the reference set's packed tokens (set by the caller)
-    learning_rate: float = 3e-3
+    # 1e-3 over 8 passes: next-token accuracy of real PubMed text 0.13 with a seed spread of 0.002,
+    # against 0.07 and 0.006 at 3e-3 over 4 passes (512 abstracts of 64 tokens, three seeds)
+    learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_share: float = 0.1
 
