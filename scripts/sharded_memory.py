@@ -29,15 +29,10 @@ import torch
 
 from utils.cli import cli_flags
 from utils.dist_utils import torchrun_command
+from utils.memory_model import Shape
+from utils.tiny_models import build_tiny_model, local_sentences, random_llama, train_tokenizer
 
-SHAPE_1B = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-)
+SHAPE_1B = Shape(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4).llama_config()
 TRAIN_ARGS = [
     *cli_flags(block_size=64, clip_norm=1.0, noise_multiplier=1.0, max_train_steps=2, delta=1e-3, seed=7),
     *cli_flags(insecure_dp_seed=5, gradient_accumulation_steps=1, sampling="poisson", learning_rate=1e-3),
@@ -85,21 +80,10 @@ def parse_args(argv=None):
 
 def build_random_llama(folder, shape=SHAPE_1B, layers=None, dtype=torch.float32, max_shard_size="1GB", seed=0):
     """A random Llama of `shape` saved as safetensors shards with a small tokenizer; returns folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from utils.tiny_models import train_tokenizer
-
     train_tokenizer(folder, add_bos=True)
-    config = LlamaConfig(
-        **{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]},
-        max_position_embeddings=2048,
-        bos_token_id=0,
-        eos_token_id=1,
-        use_cache=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(dtype)
+    shape = {**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]}
+    tokens = dict(bos_token_id=0, eos_token_id=1, use_cache=False)
+    model = random_llama(dtype, seed=seed, max_position_embeddings=2048, **tokens, **shape)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     return folder
 
@@ -151,8 +135,6 @@ def worker(argv):
 
 
 def write_data(folder):
-    from utils.tiny_models import local_sentences
-
     sentences = local_sentences()
     paths = {}
     for split, part in (("train", sentences[:64]), ("validation", sentences[64:72])):
@@ -215,8 +197,6 @@ def predictions(model, fixed_bytes):
 
 
 def measure(args):
-    from utils.tiny_models import build_tiny_model
-
     work = args.work_dir or tempfile.mkdtemp(prefix="sharded_memory_")
     os.makedirs(work, exist_ok=True)
     data = write_data(work)
