@@ -18,6 +18,7 @@ import math
 
 from utils.accounting import (
     ACCOUNTANTS,
+    NEIGHBORING_RELATIONS,
     PrivacyAccountant,
     check_delta,
     compute_epsilon_rdp,
@@ -53,7 +54,7 @@ def add_privacy_args(parser: argparse.ArgumentParser):
     )
     privacy.add_argument(
         "--neighboring_relation",
-        choices=["add_remove", "replace_one"],
+        choices=list(NEIGHBORING_RELATIONS),
         default="add_remove",
         help="the relation --target_epsilon and the budget guard use (both epsilons are reported)",
     )
