@@ -17,17 +17,28 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import SchedulerType
 
-from utils.checkpoint_utils import TrainingState, resolve_resume, save_checkpoint
+from utils.checkpoint_utils import (
+    TrainingState,
+    check_folders,
+    check_same_file_system,
+    default_work_dir,
+    reseed_public_generators,
+    resolve_checkpoint,
+    save_checkpoint,
+    tracker_dir,
+)
 from utils.cli import UserInputError, run_cli
-from utils.data_utils import Collator, load_raw_datasets, privacy_units, tokenize_dataset
+from utils.data_utils import Collator, check_disjoint, load_raw_datasets, privacy_units, tokenize_dataset, unit_keys
+from utils.dist_utils import on_main_process
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
 from utils.fsdp_utils import assert_replicas_agree
 from utils.io_utils import publish_outputs, write_json
+from utils.ledger import PrivacyLedger, Session, new_id
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model
 from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
@@ -43,6 +54,12 @@ def parse_args(argv=None):
     data.add_argument("--dataset_dir", default=None, help="folder of the built PubMed data set")
     data.add_argument("--train_file", default=None, help="JSON {instruction: [...], answer: [...]} or JSON Lines")
     data.add_argument("--validation_file", default=None, help="same format; default: the data set's validation split")
+    data.add_argument(
+        "--validation_is_public",
+        action="store_true",
+        help="the validation file may be disclosed: its exact loss and perplexity are published "
+        "(required with --validation_file; the built PubMed splits are public)",
+    )
     data.add_argument("--block_size", type=int, default=512, help="max tokens per record (longer ones are truncated)")
     data.add_argument(
         "--privacy_unit_key",
@@ -108,7 +125,13 @@ def parse_args(argv=None):
         help="every N steps check that all processes hold identical adapters (0: off)",
     )
     out = p.add_argument_group("output")
-    out.add_argument("--output_dir", required=True)
+    out.add_argument("--output_dir", required=True, help="the release: the finished adapter and reports, and the tracker")
+    out.add_argument(
+        "--work_dir",
+        default=None,
+        help="working state, never published: checkpoints, scratch, curator-only files "
+        "(default: OUTPUT_DIR.work, beside it on the same file system)",
+    )
     out.add_argument("--eval_freq", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     out.add_argument("--with_tracking", action="store_true")
     out.add_argument("--report_to", choices=["tensorboard", "wandb", "all"], default="tensorboard")
@@ -117,10 +140,12 @@ def parse_args(argv=None):
         "--resume_from_checkpoint",
         default=None,
         metavar="PATH|latest",
-        help="continue from output_dir/checkpoints/step_N (latest: the newest one, if any)",
+        help="continue from WORK_DIR/checkpoints/step_N (latest: the newest one, if any); a checkpoint of "
+        "another run forks it into this --output_dir",
     )
     args = p.parse_args(argv)
     validate_args(args)
+    args.work_dir = args.work_dir or default_work_dir(args.output_dir)
     return args
 
 
@@ -141,6 +166,11 @@ def validate_args(args):
         raise UserInputError(f"--per_device_eval_batch_size {args.per_device_eval_batch_size}: must be at least 1")
     if args.debug_sync_check < 0:
         raise UserInputError(f"--debug_sync_check {args.debug_sync_check}: must be >= 0")
+    if args.validation_file and not args.validation_is_public:
+        raise UserInputError(
+            f"--validation_file {args.validation_file}: its exact loss and perplexity are published, so it must be "
+            "data you may disclose; pass --validation_is_public if it is"
+        )
 
 
 def main(argv=None):
@@ -150,14 +180,21 @@ def main(argv=None):
     )
     # cpu=True where no GPU exists: otherwise a multi-process launch (accelerate, torchrun) leaves
     # every process alone in a one-process job (docs/DESIGN.md 5)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=log_with, project_dir=args.output_dir)
+    folders = ProjectConfiguration(project_dir=args.work_dir, logging_dir=tracker_dir(args.output_dir))
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=log_with, project_config=folders)
     set_seed(args.seed)
-    checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)  # before any work
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.work_dir)
+    on_main_process(lambda: check_folders(args.output_dir, args.work_dir, resuming=checkpoint is not None))
     run = setup(args, accelerator)
-    if checkpoint:
-        resume(run, checkpoint, accelerator)
-    train(args, run, accelerator)
-    save(args, run, accelerator)
+    try:
+        if checkpoint:
+            resume(run, checkpoint, accelerator)
+        admit(args, run, accelerator)
+        train(args, run, accelerator)
+        save(args, run, accelerator)
+    finally:
+        if run.ledger:
+            run.ledger.close()
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -171,11 +208,17 @@ def setup(args, accelerator):
     raw = load_raw_datasets(
         args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, args.privacy_unit_key
     )
+    if "validation" in raw:  # its metrics are published exactly
+        check_disjoint(raw["train"], raw["validation"], args.privacy_unit_key, args.validation_file or "validation split")
     units = (
         privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name)
         if args.privacy_unit_key
         else None
     )
+    # process 0 keeps the privacy ledger; opened before the model loads, so a bad one stops the run at once
+    ledger = on_main_process(lambda: PrivacyLedger(args.ledger_dir))
+    unit_hashes = ledger.unit_hashes(unit_keys(raw["train"], args.privacy_unit_key)) if ledger else None
+    on_main_process(lambda: check_same_file_system(args.output_dir, args.work_dir))
     # whole, 4-bit, or (FSDP) sharded with only this process's shards ever loaded; LoRA from --seed
     model = build_model(args, accelerator, token, say)
     with accelerator.main_process_first():
@@ -211,17 +254,18 @@ def setup(args, accelerator):
     log = StepLog(plan)
     state = TrainingState(model, optimizer, scheduler, plan.accountant, log.history)
     state.run_facts = {
-        "dataset_size": len(train_set),
+        "dataset_size": sampler.n,  # privacy units: records, or units under --privacy_unit_key
         "expected_batch_size": sampler.expected_batch_size,
         "sampling": args.sampling,
         "total_steps": plan.steps,
         "private": plan.private,
         "train_loss": plan.train_loss,
     }
+    state.run_id, state.session_id = on_main_process(lambda: (new_id(), new_id()), share=True)
     accelerator.register_for_checkpointing(state)
-    if args.with_tracking:
-        accelerator.init_trackers("dp_lora_finetuning", tracker_config(args))
     return SimpleNamespace(
+        ledger=ledger,
+        unit_hashes=unit_hashes,
         model=model,
         params=params,
         sampler=sampler,
@@ -259,6 +303,37 @@ def make_step_sampler(args, num_records, units, accelerator, randomness):
     return sampler
 
 
+def admit(args, run, accelerator):
+    """This session on the privacy ledger (process 0), before it touches any data: a resumed run's
+    discarded branch counted, --ledger_budget_epsilon checked; then the tracker starts."""
+    state, plan = run.state, run.plan
+
+    def decide():
+        release = os.path.abspath(args.output_dir)
+        discarded = run.ledger.steps_off_lineage(state.run_id, release, state.lineage) if state.lineage else 0
+        plan.fit_discarded_steps(discarded, state.step, accelerator.print)
+        session = Session(
+            session=state.session_id,
+            run=state.run_id,
+            parent=state.parent,
+            release=release,
+            tracked=args.with_tracking,
+            sampling_rate=plan.sampling_rate,
+            noise_multiplier=plan.effective_noise_multiplier if plan.guaranteed else None,
+            relation=args.neighboring_relation,
+            planned=plan.steps - state.step,
+            budget=[args.ledger_budget_epsilon, args.delta] if args.ledger_budget_epsilon else None,
+        )
+        run.ledger.admit(session, run.unit_hashes)
+        return discarded, plan.steps
+
+    discarded, steps = on_main_process(decide, share=True)
+    plan.discarded_steps, plan.steps = discarded, steps
+    if args.with_tracking:
+        wandb_folder = {"wandb": {"dir": tracker_dir(args.output_dir)}}
+        accelerator.init_trackers("dp_lora_finetuning", tracker_config(args), init_kwargs=wandb_folder)
+
+
 def resume(run, checkpoint, accelerator):
     """Adapter, optimizer, scheduler, step and privacy spent so far, from a checkpoint of this run."""
     try:
@@ -287,7 +362,10 @@ def train(args, run, accelerator):
         disable=not accelerator.is_local_main_process,
         desc="training",
     )
+    reseed_public_generators(args.seed, run.state.step)
     for step in bar:
+        if run.ledger:  # on disk before the step touches any data, so before anything it produces
+            run.ledger.record_step(step + 1)
         stats = train_logical_step(
             run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient, accelerator, step
         )
@@ -309,12 +387,13 @@ def train(args, run, accelerator):
                     f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f}"
                     + (f" epsilon {plan.epsilon():.4g}" if plan.private else "")
                 )
+        reseed_public_generators(args.seed, step + 1)  # what a checkpoint saves is free of the data
         bar.set_postfix(run.log.postfix)
         if args.with_tracking:
             accelerator.log(row, step=step + 1)
         run.state.step = step + 1
         if args.checkpointing_steps and run.state.step % args.checkpointing_steps == 0 and run.state.step < total:
-            save_checkpoint(accelerator, args.output_dir, run.state.step)
+            save_checkpoint(accelerator, args.work_dir, run.state.step)
 
 
 # ---- save -----------------------------------------------------------------------------------------
@@ -324,11 +403,11 @@ def save(args, run, accelerator):
     """Final evaluation, then the adapter and reports, moved into output_dir at once by process 0."""
     plan = run.plan
     metrics = run_eval(run, accelerator)
-    epsilon = plan.epsilon()
+    epsilon = plan.published_epsilon()
     if metrics:
         accelerator.print(
             f"final: eval_loss {metrics['eval_loss']:.4f} perplexity {metrics['eval_perplexity']:.2f} "
-            f"epsilon {epsilon if epsilon is not None else 'inf'}"
+            f"epsilon {plan.epsilon() if plan.private else 'inf'}"
         )
     if args.with_tracking:
         accelerator.log({**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}, step=plan.steps)
@@ -345,18 +424,31 @@ def save(args, run, accelerator):
     }
     run.dp_gradient.detach()
     if accelerator.is_main_process:
+        report.update(run.ledger.totals(args.delta))
+        if args.ledger_budget_epsilon:
+            report["ledger_budget_epsilon"] = args.ledger_budget_epsilon
+        accelerator.print(ledger_line(report))
+        if run.log.exact:  # curator-only: working state, never the release
+            write_json(os.path.join(args.work_dir, EXACT_LOG_FILE), run.log.exact)
 
         def write(folder):
             save_adapter(run.model, folder)
             write_json(os.path.join(folder, "privacy_report.json"), report)
             write_json(os.path.join(folder, "all_results.json"), results)
             write_json(os.path.join(folder, "training_log.json"), run.log.history)
-            if run.log.exact:
-                write_json(os.path.join(folder, EXACT_LOG_FILE), run.log.exact)
 
-        publish_outputs(args.output_dir, write)
+        publish_outputs(args.output_dir, write, scratch_parent=args.work_dir)
         accelerator.print(f"saved adapter and reports to {args.output_dir}")
     accelerator.wait_for_everyone()
+
+
+def ledger_line(report):
+    epsilon = report["ledger_epsilon"]
+    spent = f"epsilon {epsilon:.4g}" if epsilon is not None else "no guarantee (a run without one touched them)"
+    return (
+        f"privacy ledger {report['ledger_id']}: this data's worst-off privacy unit has spent {spent} at delta "
+        f"{report['ledger_delta']:g} over {report['ledger_steps']} steps of every run on it"
+    )
 
 
 if __name__ == "__main__":

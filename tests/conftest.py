@@ -86,6 +86,13 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def own_privacy_ledger(tmp_path_factory, monkeypatch):
+    """Every test spends on a privacy ledger of its own (processes it launches inherit it), never
+    the user's."""
+    monkeypatch.setenv("DP_LEDGER_DIR", str(tmp_path_factory.mktemp("ledger") / "ledger"))
+
+
+@pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Each in-process run of a script builds its own Accelerator."""
     from accelerate.state import AcceleratorState, PartialState

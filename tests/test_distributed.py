@@ -167,10 +167,11 @@ def test_data_parallel_gpu_config_starts_gloo_processes_on_cpu(tmp_path):
     """The multi-GPU config, launched on CPU with 2 processes, gives one 2-process gloo job."""
     probe = tmp_path / "probe.py"
     probe.write_text(
-        "import json, sys, torch\nfrom accelerate import Accelerator\n"
+        "import json, os, sys, torch\nfrom accelerate import Accelerator\n"
         "a = Accelerator(cpu=not torch.accelerator.is_available())\n"
         "import torch.distributed as dist\n"
-        "print(json.dumps([a.process_index, a.num_processes, dist.get_backend()]), flush=True)\n"
+        # one write per line: two processes share the pipe, and print() writes the newline apart
+        "os.write(1, (json.dumps([a.process_index, a.num_processes, dist.get_backend()]) + '\\n').encode())\n"
     )
     config = os.path.join("accelerate_configs", "accelerate_config_nofsdp.cfg")
     out = run_ok(accelerate_launch_command(config, *TWO_CPU_PROCESSES, str(probe)), process_env(1), timeout=120).stdout

@@ -297,3 +297,71 @@ class PrivacyAccountant:
                     f"this run has {getattr(self, key)}"
                 )
         self.steps = int(state["steps"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Composing a privacy ledger (utils/ledger.py): many runs, each its own (q, sigma), on one unit
+# ----------------------------------------------------------------------------------------------
+
+# A mechanism on the ledger: (sampling rate q, effective noise multiplier sigma) -> invocations.
+# sigma None stands for a step without a guarantee (non-private, sigma 0, a published DP seed).
+
+
+def _ledger_event(mechanisms):
+    return dp_accounting.ComposedDpEvent(
+        [_event(sigma, q, count) for (q, sigma), count in sorted(mechanisms.items()) if count and q > 0]
+    )
+
+
+def _unbounded(mechanisms) -> bool:
+    return any(count and q > 0 and not sigma for (q, sigma), count in mechanisms.items())
+
+
+def composed_epsilon(mechanisms: dict, delta: float, relation: str = "add_remove") -> float:
+    """PLD epsilon at `delta` of every invocation in `mechanisms` composed (inf when one of them has
+    no guarantee): tight for runs whose settings were fixed in advance."""
+    _check_relation(relation)
+    if _unbounded(mechanisms):
+        return math.inf
+    used = [(q, sigma) for (q, sigma), count in mechanisms.items() if count and q > 0]
+    if not used:
+        return 0.0
+    interval = min(_discretization(sigma, q) for q, sigma in used)
+    accountant = pld.PLDAccountant(NEIGHBORING_RELATIONS[relation], value_discretization_interval=interval)
+    accountant.compose(_ledger_event(mechanisms))
+    return float(accountant.get_epsilon(delta))
+
+
+# Orders of the Renyi filter. The privacy loss L after any adaptively chosen sequence of mechanisms
+# obeys E[exp((a-1)(L - sum of their order-a RDP))] <= 1 at every stopping time, for every order a
+# at once (a supermartingale; Feldman and Zrnic 2021 use one order). Admitting a run only if SOME
+# order a keeps the sum within B_a = eps - log(1 - 1/a) + (log(delta / K) + log a) / (a - 1) (the
+# RDP-to-DP conversion of Canonne, Kamath and Steinke 2020, at delta / K) bounds the hockey-stick
+# divergence by K terms of delta / K: (eps, delta)-DP however resumes and retries were chosen.
+# Few orders keep log K small; these cover the optimal order of DP-SGD from sigma 0.5 to 10.
+FILTER_ORDERS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+def _filter_budget(order: float, epsilon: float, delta: float) -> float:
+    k = len(FILTER_ORDERS)
+    return epsilon - math.log1p(-1 / order) + (math.log(delta / k) + math.log(order)) / (order - 1)
+
+
+def within_renyi_filter(mechanisms: dict, epsilon: float, delta: float) -> bool:
+    """True when `mechanisms` (spent, reserved and planned together) stay within an (epsilon,
+    delta) budget under the Renyi filter above: the admission test of a run on the ledger."""
+    if _unbounded(mechanisms):
+        return False
+    event = _ledger_event(mechanisms)
+    k = len(FILTER_ORDERS)
+    for order in FILTER_ORDERS:
+        if _filter_budget(order, epsilon, delta) <= 1e-9:
+            continue  # this order cannot pay for the conversion at all
+        accountant = rdp.RdpAccountant(orders=[order])
+        accountant.compose(event)
+        # with one order, dp_accounting's epsilon at delta / K is the conversion above, so this is
+        # exactly "order-a RDP <= B_a" (public API only)
+        with _quiet_absl():
+            if accountant.get_epsilon(delta / k) <= epsilon:
+                return True
+    return False

@@ -4,6 +4,7 @@ Privacy unit = one record = one sequence (docs/DESIGN.md 2.1): records are never
 """
 
 import codecs
+import hashlib
 import json
 import os
 
@@ -111,7 +112,7 @@ def _columns_to_records(ds, path, keys):
 
 def load_pubmed(dataset_dir: str | None = None, unit_key: str | None = None) -> datasets.DatasetDict:
     """The built PubMed DatasetDict as instruction/answer records with the seed's prompt (and the
-    unit_key column, e.g. author, kept for the training split)."""
+    unit_key column, e.g. author, kept)."""
     dataset_dir = dataset_dir or DEFAULT_PUBMED_DIR
     if not os.path.isdir(dataset_dir):
         raise UserInputError(f"{dataset_dir}: PubMed data set not built; run `python scripts/prepare_pubmed.py` first")
@@ -122,15 +123,12 @@ def load_pubmed(dataset_dir: str | None = None, unit_key: str | None = None) -> 
             f"{', '.join(dd['train'].column_names)}); rebuild it with `python -m scripts.prepare_pubmed`"
         )
 
-    def records(batch, split):
-        kept = {unit_key: batch[unit_key]} if unit_key and split == "train" else {}
+    def records(batch):
+        kept = {unit_key: batch[unit_key]} if unit_key else {}
         return {"instruction": [PUBMED_PROMPT] * len(batch["text"]), "answer": batch["text"], **kept}
 
     return datasets.DatasetDict(
-        {
-            split: ds.map(records, fn_kwargs={"split": split}, batched=True, remove_columns=ds.column_names)
-            for split, ds in dd.items()
-        }
+        {split: ds.map(records, batched=True, remove_columns=ds.column_names) for split, ds in dd.items()}
     )
 
 
@@ -141,8 +139,9 @@ def load_raw_datasets(
     dataset_dir: str | None = None,
     unit_key: str | None = None,
 ) -> datasets.DatasetDict:
-    """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records; the
-    training records keep their privacy unit's id under unit_key when it is given."""
+    """{'train': Dataset, 'validation': Dataset (optional)} of instruction/answer records; records
+    keep their privacy unit's id under unit_key when it is given (validation records too, so that
+    units shared with the training data can be found)."""
     if dataset_name is not None:
         if dataset_name != "pubmed_generation":
             raise UserInputError(f"--dataset_name {dataset_name}: unknown (known: pubmed_generation)")
@@ -152,7 +151,7 @@ def load_raw_datasets(
             raise UserInputError("give --train_file or --dataset_name")
         raw = datasets.DatasetDict({"train": load_records_file(train_file, unit_key)})
     if validation_file is not None:
-        raw["validation"] = load_records_file(validation_file)
+        raw["validation"] = load_records_file(validation_file, unit_key)
     for split, ds in raw.items():
         _check_strings(ds, train_file if split == "train" else validation_file or split)
     return raw
@@ -168,6 +167,34 @@ def privacy_units(ds: datasets.Dataset, key: str, name: str) -> list[list[int]]:
             raise UserInputError(f"{name}: record {i} (counting from 0): privacy unit '{key}' is {what}")
         groups.setdefault(unit, []).append(i)
     return list(groups.values())
+
+
+def unit_keys(ds: datasets.Dataset, unit_key: str | None = None) -> list[bytes]:
+    """One key per record: a hash of its text (instruction and answer: the same record read from any
+    file or format gives the same key), or under unit_key a hash of its unit's id. The privacy
+    ledger salts them; comparing keys finds records or units two data sets share."""
+    if unit_key:
+        values = (json.dumps(["unit", unit_key, unit]) for unit in ds[unit_key])
+    else:
+        values = (json.dumps(["record", i, a]) for i, a in zip(ds["instruction"], ds["answer"]))
+    return [hashlib.blake2b(value.encode(), digest_size=16).digest() for value in values]
+
+
+def check_disjoint(train: datasets.Dataset, validation: datasets.Dataset, unit_key: str | None, name: str) -> None:
+    """Validation metrics are published exactly: no validation record (or privacy unit) may also be
+    in the training data. Refused naming the first shared one."""
+    training = set(unit_keys(train, unit_key))
+    for i, key in enumerate(unit_keys(validation, unit_key)):
+        if key in training:
+            shared = (
+                f"belongs to privacy unit '{unit_key}' = {validation[i][unit_key]!r}, which also has training records"
+                if unit_key
+                else "is also a training record"
+            )
+            raise UserInputError(
+                f"{name}: record {i} (counting from 0) {shared}; validation data is published through its "
+                "metrics and must share no record or privacy unit with the training data"
+            )
 
 
 def _check_strings(ds, name):

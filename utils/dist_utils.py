@@ -35,3 +35,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def on_main_process(fn, share: bool = False):
+    """fn() on process 0 alone (e.g. the privacy ledger, which only process 0 writes). Its bad-input
+    error stops every process with the same line; with share, every process gets its (small,
+    picklable) result, else the others get None."""
+    from utils.cli import UserInputError
+
+    outcome = [(None, None)]
+    if rank() == 0:
+        try:
+            value = fn()
+            outcome = [(None, value if share else None)]
+        except UserInputError as err:
+            outcome = [(str(err), None)]
+            if world_size() == 1:
+                raise
+    if world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    error, shared = outcome[0]
+    if error is not None:
+        raise UserInputError(error)
+    return value if rank() == 0 else shared

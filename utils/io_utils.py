@@ -24,10 +24,11 @@ def write_json(path: str, data) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def publish_outputs(output_dir: str, write_files) -> None:
-    """write_files(scratch) fills a scratch folder inside output_dir; its files then move in at once."""
+def publish_outputs(output_dir: str, write_files, scratch_parent: str | None = None) -> None:
+    """write_files(scratch) fills a scratch folder (in scratch_parent, default output_dir, on the same
+    file system); its files then move into output_dir at once."""
     os.makedirs(output_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".incomplete-", dir=output_dir)
+    scratch = tempfile.mkdtemp(prefix=".incomplete-", dir=scratch_parent or output_dir)
     try:
         write_files(scratch)
         for name in sorted(os.listdir(scratch)):

@@ -26,6 +26,7 @@ from utils.accounting import (
     noise_multiplier_for_epsilon,
 )
 from utils.cli import UserInputError
+from utils.ledger import LEDGER_ENV
 from utils.sampling import SAMPLERS
 
 # sigma_loss / sigma. Releasing the loss beside the gradient lowers the effective noise multiplier
@@ -35,6 +36,10 @@ from utils.sampling import SAMPLERS
 LOSS_NOISE_RATIO = 3.2
 
 TRAIN_LOSS_MODES = ("private", "off", "exact")
+INSECURE_SEED_CAVEAT = (
+    "--insecure_dp_seed: whoever knows the seed regenerates every sample and noise draw, so the run has no "
+    "guarantee; epsilon_if_seed_secret is what it would be with a secret seed"
+)
 EXACT_LOG_FILE = "training_log.NOT_PRIVATE_exact_losses.json"
 
 
@@ -84,7 +89,24 @@ def add_privacy_args(parser: argparse.ArgumentParser):
         "(floating-point attack mitigation)",
     )
     privacy.add_argument(
-        "--insecure_dp_seed", type=int, default=None, help="TESTING ONLY: reproducible sampling and noise"
+        "--insecure_dp_seed",
+        type=int,
+        default=None,
+        help="TESTING ONLY: reproducible sampling and noise; the run then has no guarantee (epsilon null)",
+    )
+    privacy.add_argument(
+        "--ledger_dir",
+        default=None,
+        help=f"the privacy ledger every run on the same data shares (default: ${LEDGER_ENV}, else the user's "
+        "cache folder); deleting it forgets what was spent",
+    )
+    privacy.add_argument(
+        "--ledger_budget_epsilon",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="cap, at --delta, what any privacy unit may spend over every run on the ledger (a Renyi filter: "
+        "valid however runs are chosen); once set for a unit, it binds every later run on it",
     )
     return privacy
 
@@ -110,6 +132,8 @@ def validate_privacy_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--loss_clip {args.loss_clip}: must be positive")
     if args.secure_noise and args.insecure_dp_seed is not None:
         raise UserInputError("--secure_noise and --insecure_dp_seed exclude each other")
+    if args.ledger_budget_epsilon is not None and not args.ledger_budget_epsilon > 0:
+        raise UserInputError(f"--ledger_budget_epsilon {args.ledger_budget_epsilon}: must be positive")
 
 
 @dataclasses.dataclass
@@ -126,6 +150,7 @@ class PrivacyPlan:
     args: object
     sampling_caveat: str | None = None
     accountant: PrivacyAccountant | None = None
+    discarded_steps: int = 0  # steps of a discarded branch of this run whose figures reached its release
 
     @property
     def effective_noise_multiplier(self):
@@ -136,16 +161,49 @@ class PrivacyPlan:
         return f"units ('{self.args.privacy_unit_key}')" if self.args.privacy_unit_key else "records"
 
     @property
+    def seed_published(self) -> bool:
+        return self.args.insecure_dp_seed is not None
+
+    @property
+    def guaranteed(self) -> bool:
+        """Whether the run's steps carry a guarantee at all (on the privacy ledger too)."""
+        return self.private and self.noise_multiplier > 0 and not self.seed_published
+
+    @property
     def caveat(self):
         if not self.private:
             return "non-private training: epsilon is infinite"
         if self.noise_multiplier == 0:
             return "noise multiplier 0: clipping only, epsilon is infinite"
+        if self.seed_published:
+            return INSECURE_SEED_CAVEAT
         return self.sampling_caveat
 
     def epsilon(self, steps: int | None = None, relation: str | None = None) -> float | None:
-        """Epsilon after `steps` (default: the steps taken so far); None when non-private."""
-        return self.accountant.epsilon(steps, relation) if self.accountant else None
+        """Epsilon of this release after `steps` steps (default: those taken so far), a discarded
+        branch's released steps included; None when non-private. With --insecure_dp_seed this is
+        the figure the run would have if its seed were secret: see published_epsilon()."""
+        if not self.accountant:
+            return None
+        steps = self.accountant.steps if steps is None else steps
+        return self.accountant.epsilon(steps + self.discarded_steps, relation)
+
+    def published_epsilon(self, steps: int | None = None, relation: str | None = None) -> float | None:
+        """What the release may state: None also when the DP seed is known (no guarantee)."""
+        return None if self.seed_published else self.epsilon(steps, relation)
+
+    def fit_discarded_steps(self, discarded: int, start_step: int, say=print) -> None:
+        """Count `discarded` released steps of a discarded branch; under --target_epsilon, end the
+        run early enough that the release still stays within the target."""
+        self.discarded_steps = discarded
+        if not discarded:
+            return
+        say(f"note: {discarded} steps of a discarded branch of this run reached {self.args.output_dir}; epsilon counts them")
+        if self.args.target_epsilon is not None and self.accountant:
+            allowed = self.accountant.steps_within(self.args.target_epsilon, self.steps + discarded) - discarded
+            if allowed < self.steps:
+                say(f"warning: to stay within --target_epsilon {self.args.target_epsilon:g} this run stops at step {allowed}")
+                self.steps = max(start_step, allowed)
 
     def plan_line(self) -> str:
         if not self.private:
@@ -169,12 +227,21 @@ class PrivacyPlan:
     def report(self, steps: int, num_processes: int) -> dict:
         """privacy_report.json: the guarantee of the `steps` steps taken, and how it was obtained."""
         a, private = self.args, self.private
+        released = steps + self.discarded_steps
         report = {
-            "epsilon": self.epsilon(steps, "add_remove"),
-            "epsilon_replace_one": self.epsilon(steps, "replace_one"),
+            "epsilon": self.published_epsilon(steps, "add_remove"),
+            "epsilon_replace_one": self.published_epsilon(steps, "replace_one"),
+            **(
+                {
+                    "epsilon_if_seed_secret": self.epsilon(steps, "add_remove"),
+                    "epsilon_replace_one_if_seed_secret": self.epsilon(steps, "replace_one"),
+                }
+                if private and self.seed_published
+                else {}
+            ),
             "neighboring_relation": a.neighboring_relation,
-            "epsilon_rdp": compute_epsilon_rdp(self.effective_noise_multiplier, self.sampling_rate, steps, a.delta)
-            if private
+            "epsilon_rdp": compute_epsilon_rdp(self.effective_noise_multiplier, self.sampling_rate, released, a.delta)
+            if private and not self.seed_published
             else None,
             "delta": a.delta if private else None,
             "noise_multiplier": self.noise_multiplier if private else None,
@@ -183,7 +250,7 @@ class PrivacyPlan:
             "clip_norm": a.clip_norm if private else None,
             "loss_clip": self.loss_clip,
             "train_loss": self.train_loss,
-            "releases_non_private_statistics": private and self.train_loss == "exact",
+            "releases_non_private_statistics": self.train_loss == "exact",  # also every non-private run
             "target_epsilon": a.target_epsilon,
             "sampling": a.sampling,
             "sampling_rate": self.sampling_rate,
@@ -193,6 +260,7 @@ class PrivacyPlan:
             "num_units": self.dataset_size,
             "max_records_per_unit": a.max_records_per_unit if a.privacy_unit_key else 1,
             "steps": steps,
+            "released_steps": released,  # what epsilon composes: a discarded branch's tracked steps too
             "accountant": self.accountant.name if private else None,
             "num_processes": num_processes,
             "noise_source": noise_source(a),
@@ -258,7 +326,7 @@ def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: floa
         say("warning: --noise_multiplier 0 clips without noise: epsilon is infinite")
     if train_loss == "exact":
         say(
-            f"warning: --train_loss exact releases exact training losses, which epsilon does not cover: they go to "
-            f"{EXACT_LOG_FILE} (for the data curator only; never publish it)"
+            f"warning: --train_loss exact computes exact training losses, which epsilon does not cover: they go to "
+            f"{EXACT_LOG_FILE} in --work_dir (for the data curator only; never publish it)"
         )
     return plan

@@ -66,9 +66,17 @@ class StepSampler:
 
 class PoissonSampler(StepSampler):
     """Each record joins step t independently with probability q = B / N, drawn from the DP
-    generator for (seed, t), so every process sees the same draw: the accounted mechanism."""
+    generator for (seed, t), so every process sees the same draw: the accounted mechanism.
+
+    The draw compares float64 uniforms (multiples of 2^-53) with q, which includes a record with
+    probability ceil(q 2^53) / 2^53: that exact rate is what the sampler states and the accountant
+    composes (at most 2^-53 above B / N)."""
 
     name = "poisson"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampling_rate = math.ceil(self.sampling_rate * 2**53) / 2**53
 
     def planned_steps(self, num_epochs):
         # each record is seen `num_epochs` times in expectation
@@ -76,7 +84,8 @@ class PoissonSampler(StepSampler):
 
     def step_indices(self, step):
         gen = self.randomness.generator("sample", step)
-        return (torch.rand(self.n, generator=gen) < self.sampling_rate).nonzero().flatten().tolist()
+        draw = torch.rand(self.n, generator=gen, dtype=torch.float64)
+        return (draw < self.sampling_rate).nonzero().flatten().tolist()
 
 
 class ShuffleSampler(StepSampler):

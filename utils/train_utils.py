@@ -67,8 +67,8 @@ class StepLog:
             self.exact.append({"step": step, "exact_train_loss": stats.exact_loss, "records": stats.records})
             self.postfix["exact loss (not private)"] = f"{stats.exact_loss:.4f}"
         if plan.private and with_epsilon:
-            row["epsilon"] = plan.epsilon()
-            self.postfix["eps"] = f"{row['epsilon']:.3f}"
+            row["epsilon"] = plan.published_epsilon()  # None when the DP seed is known
+            self.postfix["eps_if_seed_secret" if plan.seed_published else "eps"] = f"{plan.epsilon():.3f}"
         self.postfix["lr"] = f"{lr:.2e}"
         self.history.append(row)
         return row
@@ -90,11 +90,12 @@ def build_optimizer(params: list, args, total_steps: int):
 
 
 def tracker_config(args) -> dict:
-    """The run's arguments for the tracker: public configuration, the access token left out."""
+    """The run's arguments for the tracker: public configuration, without the access token and the
+    testing DP seed (whoever has it regenerates every sample and noise draw)."""
     return {
         k: (v if isinstance(v, (int, float, str, bool)) else str(v))
         for k, v in vars(args).items()
-        if k != "access_token"
+        if k not in ("access_token", "insecure_dp_seed")
     }
 
 
