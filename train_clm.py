@@ -125,7 +125,9 @@ def parse_args(argv=None):
         help="every N steps check that all processes hold identical adapters (0: off)",
     )
     out = p.add_argument_group("output")
-    out.add_argument("--output_dir", required=True, help="the release: the finished adapter and reports, and the tracker")
+    out.add_argument(
+        "--output_dir", required=True, help="the release: the finished adapter and reports, and the tracker"
+    )
     out.add_argument(
         "--work_dir",
         default=None,
@@ -209,7 +211,9 @@ def setup(args, accelerator):
         args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, args.privacy_unit_key
     )
     if "validation" in raw:  # its metrics are published exactly
-        check_disjoint(raw["train"], raw["validation"], args.privacy_unit_key, args.validation_file or "validation split")
+        check_disjoint(
+            raw["train"], raw["validation"], args.privacy_unit_key, args.validation_file or "validation split"
+        )
     units = (
         privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name)
         if args.privacy_unit_key
@@ -429,6 +433,7 @@ def save(args, run, accelerator):
             report["ledger_budget_epsilon"] = args.ledger_budget_epsilon
         accelerator.print(ledger_line(report))
         if run.log.exact:  # curator-only: working state, never the release
+            os.makedirs(args.work_dir, exist_ok=True)
             write_json(os.path.join(args.work_dir, EXACT_LOG_FILE), run.log.exact)
 
         def write(folder):

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import torch
 from scipy import stats
@@ -45,6 +46,7 @@ from scripts.audit_release import release_audit
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_utils import per_record_loss
+from utils.ledger import LEDGER_ENV
 from utils.lora_utils import load_adapter
 from utils.model_utils import load_model, load_tokenizer
 from utils.tiny_models import build_tiny_model, local_sentences
@@ -253,6 +255,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args, passed_on = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    # the audit's canary data sets are its own: their runs go on a ledger of their own too
+    os.environ.setdefault(LEDGER_ENV, os.path.join(os.path.abspath(args.output_dir), "ledger"))
     model_path = args.model_name_or_path
     tiny = model_path is None
     if tiny:
@@ -274,6 +278,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_path)
     canaries, included, population, data_file = write_training_set(args, tokenizer)
     run_dir = os.path.join(args.output_dir, "run")
+    for folder in (run_dir, run_dir + ".work"):  # this audit's own run of an earlier time
+        shutil.rmtree(folder, ignore_errors=True)
     train_argv = training_arguments(args, data_file, model_path, run_dir, tiny, len(population), privacy + passed_on)
     print("training: train_clm.py " + " ".join(train_argv), flush=True)
     train_clm.main(train_argv)
@@ -293,7 +299,8 @@ def main(argv=None):
     k_plus, k_minus, correct = guess_and_count(scores, included, args.num_guesses)
     m, r = args.num_canaries, args.num_guesses
     bound = epsilon_lower_bound(m, r, correct, args.delta, args.confidence)
-    claimed = report.get("epsilon")
+    # a known DP seed (--insecure_dp_seed, for repeatable audits) is not the attacker's: the figure with a secret one
+    claimed = report.get("epsilon_if_seed_secret", report.get("epsilon"))
     result = {
         "claimed_epsilon": claimed,  # null: non-private (infinite)
         "empirical_epsilon_lower_bound": bound,

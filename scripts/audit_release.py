@@ -3,11 +3,13 @@
 A distinguishing game between two neighbouring training sets of the same size N: world 0 holds N
 ordinary records, world 1 the same records with one replaced by a canary (random vocabulary
 tokens, whose loss stays high under a model that has learnt the ordinary records). Each run trains
-with train_clm.main() in a fresh folder; the attacker reads only the output folder's JSON files
-(training log, results, report: not the adapter) and takes the largest training loss logged
-there. A threshold fixed on calibration runs of world 0 (their largest statistic) flags a run as
-"canary in"; then fresh runs of both worlds give a true and a false positive rate, and with
-Clopper-Pearson bounds at the given confidence the empirical epsilon lower bound
+with train_clm.main() in a fresh folder, with a tracker and checkpoints; the attacker reads every
+file the run leaves but the adapter: the release (training log, results, report, the tracker's
+TensorBoard events) and the work folder beside it (the checkpoints' logged history, curator-only
+files), and takes the largest training loss logged anywhere. A threshold fixed on calibration runs
+of world 0 (their largest statistic) flags a run as "canary in"; then fresh runs of both worlds
+give a true and a false positive rate, and with Clopper-Pearson bounds at the given confidence the
+empirical epsilon lower bound
 
     eps >= log((TPR_low - delta) / FPR_high)   (and the same for the complementary rates)
 
@@ -16,14 +18,15 @@ step stands out and the bound exceeds the claimed epsilon; with the private loss
 (`--train_loss private`, the default) it stays at chance.
 """
 
-import glob
 import json
 import math
 import os
 import random
 import shutil
 
+import torch
 from scipy import stats
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_clm
 from utils.lora_utils import load_adapter
@@ -33,14 +36,31 @@ from utils.tiny_models import local_sentences
 PRETRAIN_STEPS = 150
 
 
-def logged_losses(run_dir):
-    """Every per-step training loss a run wrote into its output folder's JSON files."""
+def logged_losses(*folders):
+    """Every training loss a run wrote anywhere in these folders: JSON files, the tracker's
+    TensorBoard events, and the history rows its checkpoints keep."""
     values = []
-    for path in glob.glob(os.path.join(run_dir, "*.json")):
-        with open(path) as f:
-            data = json.load(f)
-        for row in data if isinstance(data, list) else [data]:
-            values += [v for k, v in row.items() if k.endswith("train_loss") and isinstance(v, (int, float))]
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                if name.endswith(".json"):
+                    with open(path) as f:
+                        values += _row_losses(json.load(f))
+                elif name.startswith("custom_checkpoint_"):
+                    values += _row_losses(torch.load(path, weights_only=False)["history"])
+                elif name.startswith("events.out.tfevents."):
+                    events = EventAccumulator(path)
+                    events.Reload()
+                    tags = [t for t in events.Tags()["scalars"] if t.endswith("train_loss")]
+                    values += [e.value for tag in tags for e in events.Scalars(tag)]
+    return values
+
+
+def _row_losses(data):
+    values = []
+    for row in data if isinstance(data, list) else [data]:
+        values += [v for k, v in row.items() if k.endswith("train_loss") and isinstance(v, (int, float))]
     return values
 
 
@@ -84,6 +104,7 @@ def learned_base(model_path, records, folder, seed):
     merged.save_pretrained(folder)
     load_tokenizer(model_path).save_pretrained(folder)
     shutil.rmtree(run)
+    shutil.rmtree(run + ".work", ignore_errors=True)
     return folder
 
 
@@ -125,7 +146,9 @@ def release_audit(args, passed_on, model_path, make_canaries):
 
     def statistic(world):
         run_dir = os.path.join(args.output_dir, "runs", f"world{world}")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        work_dir = run_dir + ".work"
+        for folder in (run_dir, work_dir):
+            shutil.rmtree(folder, ignore_errors=True)
         data = os.path.join(args.output_dir, f"world{world}.jsonl")
         write_jsonl(data, worlds[world])
         train_clm.main(
@@ -150,13 +173,17 @@ def release_audit(args, passed_on, model_path, make_canaries):
                 repr(args.delta),
                 "--insecure_dp_seed",
                 str(next(seeds)),
+                "--with_tracking",
+                "--checkpointing_steps",
+                "8",
                 *passed_on,
             ]
         )
         with open(os.path.join(run_dir, "privacy_report.json")) as f:
             report = json.load(f)
-        value = max(logged_losses(run_dir), default=-math.inf)
-        shutil.rmtree(run_dir)
+        value = max(logged_losses(run_dir, work_dir), default=-math.inf)
+        for folder in (run_dir, work_dir):
+            shutil.rmtree(folder)
         return value, report
 
     calibration = [statistic(0)[0] for _ in range(args.calibration_runs)]
@@ -168,9 +195,13 @@ def release_audit(args, passed_on, model_path, make_canaries):
             flagged[world] += value > threshold
     bound = epsilon_from_rates(flagged[1], flagged[0], args.num_runs, args.delta, args.confidence)
     return {
-        "attack": "release: largest training loss logged in the output folder (adapter not used)",
-        "claimed_epsilon": report.get("epsilon"),
-        "claimed_epsilon_replace_one": report.get("epsilon_replace_one"),
+        "attack": "release: largest training loss logged in any file the run left, tracker events included "
+        "(adapter not used)",
+        # the runs' DP seeds are known (for repeatability), not to the attacker: the figure with a secret seed
+        "claimed_epsilon": report.get("epsilon_if_seed_secret", report.get("epsilon")),
+        "claimed_epsilon_replace_one": report.get(
+            "epsilon_replace_one_if_seed_secret", report.get("epsilon_replace_one")
+        ),
         "train_loss": report.get("train_loss"),
         "empirical_epsilon_lower_bound": bound,
         "confidence": args.confidence,

@@ -235,31 +235,37 @@ def read_json(path):
         return json.load(f)
 
 
-def write_subsets(dataset_dir, folder, train_records, val_records, seed):
+def write_subsets(dataset_dir, folder, train_records, val_records, seed, by_author=False):
     """The first N (default: all) of a seeded shuffle of the train split, the first M of the validation split's.
 
-    Training records keep the data set's first author (when it has that column) for author-level runs.
-    Returns the two files' paths, the number of training records and of their distinct first authors."""
+    Records keep the data set's first author (when it has that column). With by_author, validation
+    abstracts whose first author also has training abstracts are left out: published validation
+    metrics must share no privacy unit with the training data. Returns the two files' paths, the
+    number of training records and of their distinct first authors (console figures: an
+    author-level release publishes only the latter)."""
     import datasets
 
     dd = datasets.load_from_disk(dataset_dir)
     os.makedirs(folder, exist_ok=True)
-    paths, counts = {}, {}
+    paths, counts, training_authors = {}, {}, set()
     for split, count in (("train", train_records), ("validation", val_records)):
         if split not in dd:
             sys.exit(f"demo: {dataset_dir} has no '{split}' split")
-        count = len(dd[split]) if count is None else count
-        if len(dd[split]) < count:
-            sys.exit(
-                f"demo: --{'train' if split == 'train' else 'val'}_records {count}: "
-                f"the {split} split has only {len(dd[split])} records"
-            )
         order = list(range(len(dd[split])))
         random.Random(seed).shuffle(order)
+        has_author = "author" in dd[split].column_names
+        if split == "validation" and by_author and has_author:
+            authors = dd[split]["author"]
+            order = [i for i in order if authors[i] not in training_authors]
+        count = len(order) if count is None else count
+        if len(order) < count:
+            what = " whose first author has no training abstract" if split == "validation" and by_author else ""
+            flag = "train" if split == "train" else "val"
+            sys.exit(f"demo: --{flag}_records {count}: the {split} split has only {len(order)} records{what}")
         rows = dd[split].select(order[:count])
-        authors = rows["author"] if split == "train" and "author" in rows.column_names else [None] * count
+        authors = rows["author"] if has_author else [None] * count
         if split == "train":
-            counts["authors"] = len(set(authors))
+            training_authors = set(authors)
         paths[split] = os.path.join(folder, f"{split}.jsonl")
         with open(paths[split], "w") as f:
             for text, author in zip(rows["text"], authors):
@@ -267,7 +273,7 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"wrote {count} {split} records to {_short(paths[split])}")
         counts[split] = count
-    return paths, counts["train"], counts["authors"]
+    return paths, counts["train"], len(training_authors)
 
 
 def train_command(args, model, paths, out, private, steps):
@@ -302,6 +308,10 @@ def train_command(args, model, paths, out, private, steps):
         str(steps),
         "--seed",
         str(args.seed),
+        # PubMed abstracts are public: the demo only treats the training split as private
+        "--validation_is_public",
+        "--ledger_dir",
+        ledger_dir(out),
     ]
     if private:
         cmd += [
@@ -317,6 +327,11 @@ def train_command(args, model, paths, out, private, steps):
     else:
         cmd += ["--clip_norm", "-1", "--noise_multiplier", "-1"]
     return cmd
+
+
+def ledger_dir(run_folder):
+    """The demo's own privacy ledger, beside its runs (outputs/demo/ledger)."""
+    return os.path.join(os.path.dirname(run_folder), "ledger")
 
 
 def adapter_size(folder):
@@ -391,17 +406,29 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     plt.close(fig)
 
 
+def ledger_text(epsilon):
+    return "no guarantee" if epsilon is None else f"epsilon {epsilon:.3g}"
+
+
+def units_text(s):
+    """The training set as the release may describe it: its privacy units (an author-level release
+    publishes how many authors, never how many abstracts)."""
+    if s["privacy_unit"] == "author":
+        return f"abstracts of {s['num_units']} first authors (the privacy unit)"
+    return f"{s['num_units']} training"
+
+
 def summary_text(s):
     lines = [
         "==================== DP fine-tuning demo: summary ====================",
         f"model       {s['model']} + LoRA r={s['lora_r']} on {s['lora_target_modules']} "
         f"({s['trainable_parameters']:,} trainable parameters)",
-        f"data        {s['train_records']} training / {s['val_records']} validation PubMed abstracts "
+        f"data        {units_text(s)} / {s['val_records']} validation PubMed abstracts "
         f'(prompt "{PROMPT}", {s["block_size"]} tokens max)',
-        f"unit        one {s['privacy_unit']}: {s['num_units']} units, {s['train_records'] / s['num_units']:.2f} "
-        f"abstracts per unit on average",
         f"privacy     epsilon {s['epsilon']:.3g} (replace-one {s['epsilon_replace_one']:.3g}) "
         f"at delta {s['delta']:.0e} ({s['sampling']} sampling, PLD accountant)",
+        f"ledger      {ledger_text(s['ledger_epsilon'])} over every run of this demo on these abstracts so far "
+        f"({s['ledger_steps']} steps; {s['ledger_dir']})",
         f"            noise multiplier {s['noise_multiplier']:.3g} (gradient), "
         f"{s['loss_noise_multiplier']:.3g} (training loss), {s['effective_noise_multiplier']:.3g} (effective), "
         f"clip norm {s['clip_norm']:g}, "
@@ -447,15 +474,18 @@ def main(argv=None):
     print(
         f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts", flush=True
     )
-    paths, args.train_records, authors = write_subsets(
-        dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed
+    by_author = args.privacy_unit == "author"
+    paths, records, authors = write_subsets(
+        dataset_dir, os.path.join(out, "data"), args.train_records, args.val_records, args.seed, by_author
     )
-    units = authors if args.privacy_unit == "author" else args.train_records
+    units = authors if by_author else records
     if args.delta is None:
         args.delta = min(1e-5, 1 / (10 * units))
     stages.add("subsets", time.time() - t)
     runs = {name: os.path.join(out, name) for name in ("base", "dp", "nonprivate", "samples")}
-    for folder in runs.values():  # this demo's own outputs of an earlier run
+    # this demo's own outputs of an earlier run, and its ledger: each demo plays a first run on the
+    # abstracts (a real data set keeps its ledger for ever; deleting it forgets what was spent)
+    for folder in [*runs.values(), *(f"{run}.work" for run in runs.values()), ledger_dir(runs["dp"])]:
         shutil.rmtree(folder, ignore_errors=True)
 
     # 3.-5. base perplexity, DP training, non-private training
@@ -512,7 +542,6 @@ def main(argv=None):
         "lora_r": args.lora_r,
         "lora_target_modules": args.lora_target_modules,
         "trainable_parameters": adapter_size(runs["dp"]),
-        "train_records": args.train_records,
         "val_records": args.val_records,
         "block_size": args.block_size,
         "privacy_unit": args.privacy_unit,
@@ -533,8 +562,11 @@ def main(argv=None):
                 "expected_batch_size",
                 "steps",
                 "accountant",
+                "ledger_epsilon",
+                "ledger_steps",
             )
         },
+        "ledger_dir": _short(ledger_dir(runs["dp"])),
         "perplexity_base": base["eval_perplexity"],
         "perplexity_dp": dp["eval_perplexity"],
         "perplexity_nonprivate": np_results["eval_perplexity"] if args.compare_nonprivate else None,

@@ -149,7 +149,12 @@ def worker_command(model, data, out, processes, fsdp, **options):
     """The command of one train_clm.py run through `worker` on `data` (write_data's paths) into `out`:
     under torchrun with `processes` processes and --fsdp where `fsdp`, else one plain process.
     options: train_clm.py flags (as in cli_flags) after TRAIN_ARGS, so they override them."""
-    data_flags = cli_flags(train_file=data["train"], validation_file=data["validation"], model_name_or_path=model)
+    data_flags = cli_flags(
+        train_file=data["train"],
+        validation_file=data["validation"],
+        validation_is_public=True,
+        model_name_or_path=model,
+    )
     script = ["-m", "scripts.sharded_memory", "worker", *data_flags, *TRAIN_ARGS, *cli_flags(**options, output_dir=out)]
     return torchrun_command(processes, *script, "--fsdp") if fsdp else [sys.executable, *script]
 

@@ -16,7 +16,7 @@ from conftest import ROOT, train_args, write_records
 from safetensors.torch import load_file
 
 import train_clm
-from utils.accounting import compute_epsilon, composed_epsilon
+from utils.accounting import composed_epsilon, compute_epsilon
 
 STEPS = 24
 
@@ -138,7 +138,9 @@ def tensorboard_scalars(folder, tag):
     return values
 
 
-def test_steps_a_discarded_branch_released_count_in_the_resumed_release(tiny_llama, text_records, tmp_path, monkeypatch):
+def test_steps_a_discarded_branch_released_count_in_the_resumed_release(
+    tiny_llama, text_records, tmp_path, monkeypatch
+):
     """A run that crashes at step 6 after a checkpoint at 3 has sent steps 4-5 to the tracker; resumed
     from step 3, those figures stay in the release beside the new steps 4-5: epsilon counts both."""
     data = write_records(tmp_path / "d.json", text_records[:64])
@@ -171,7 +173,9 @@ def test_steps_a_discarded_branch_released_count_in_the_resumed_release(tiny_lla
     assert report["epsilon"] == pytest.approx(compute_epsilon(sigma, q, 11, 1e-3), rel=1e-12)
     assert report["ledger_steps"] == 11 and report["ledger_epsilon"] == pytest.approx(report["epsilon"], rel=1e-9)
     assert len(tensorboard_scalars(out / "tracker", "eval_loss")) == 5 + 4 + 1  # steps 1-5 and 4-7, and the final one
-    assert "insecure_dp_seed" not in open(glob.glob(str(out / "tracker" / "**" / "hparams.yml"), recursive=True)[0]).read()
+    assert (
+        "insecure_dp_seed" not in open(glob.glob(str(out / "tracker" / "**" / "hparams.yml"), recursive=True)[0]).read()
+    )
 
 
 @pytest.fixture(scope="module")

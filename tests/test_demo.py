@@ -8,14 +8,14 @@ import pytest
 from conftest import cli_flags, local_sentences, process_env, run_ok
 
 
-def pubmed_like(texts):
-    """The columns of the built PubMed data set; the first authors are 20 names."""
+def pubmed_like(texts, authors):
+    """The columns of the built PubMed data set."""
     return datasets.Dataset.from_dict(
         {
             "text": texts,
             "pmid": [str(i) for i in range(len(texts))],
             "pub_date": ["2020-01-01"] * len(texts),
-            "author": [f"Author{i % 20} A" for i in range(len(texts))],
+            "author": authors,
         }
     )
 
@@ -23,9 +23,16 @@ def pubmed_like(texts):
 def run_demo(model, folder, **options):
     """scripts/demo.py on a PubMed-like data set of 64 training and 8 validation sentences; returns
     its completed process (stdout holds the stage commands)."""
-    sentences = local_sentences(72)
-    splits = {"train": sentences[:64], "validation": sentences[64:72]}
-    dataset = datasets.DatasetDict({split: pubmed_like(texts) for split, texts in splits.items()})
+    sentences = local_sentences(80)
+    # 20 first authors write the 64 training abstracts; of 16 validation abstracts, 8 are by one of them
+    train_authors = [f"Author{i % 20} A" for i in range(64)]
+    val_authors = [f"Author{i} A" if i % 2 else f"Reviewer{i} B" for i in range(16)]
+    dataset = datasets.DatasetDict(
+        {
+            "train": pubmed_like(sentences[:64], train_authors),
+            "validation": pubmed_like(sentences[64:80], val_authors),
+        }
+    )
     dataset.save_to_disk(str(folder / "pubmed"))
     small = dict(val_records=8, steps=2, batch_size=8, micro_batch_size=4, block_size=32)
     flags = cli_flags(model_name_or_path=model, dataset_dir=folder / "pubmed", output_dir=folder / "demo", **small)
@@ -42,7 +49,7 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
     for script in ("train_clm.py", "inference_generation_dataset.py"):
         assert f"$ python {script} " in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["train_records"] == 64  # the whole train split by default
+    assert summary["steps"] == 2 and summary["num_units"] == 64  # the whole train split by default
     assert 0 < summary["epsilon"] <= 8 + 1e-6 and summary["delta"] == pytest.approx(1e-5)
     assert summary["sampling_rate"] == pytest.approx(8 / 64)
     assert summary["perplexity_base"] > 1 and summary["perplexity_dp"] > 1
@@ -70,3 +77,9 @@ def test_demo_trains_at_author_level(tiny_llama, tmp_path):
     assert summary["privacy_unit"] == "author" and summary["num_units"] == report["num_units"] == 20
     assert report["privacy_unit"] == "author" and report["sampling_rate"] == pytest.approx(8 / 20)
     assert summary["delta"] == pytest.approx(min(1e-5, 1 / 200))  # at most 1 / (10 x units)
+    # it publishes how many authors, never how many abstracts; its validation shares no author
+    text = (out / "summary.txt").read_text()
+    assert "train_records" not in summary and "64 training" not in text and "per unit" not in text
+    validation = [json.loads(line) for line in (out / "data" / "validation.jsonl").read_text().splitlines()]
+    assert len(validation) == 8 and all(r["author"].startswith("Reviewer") for r in validation)
+    assert summary["ledger_epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)

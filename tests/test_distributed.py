@@ -40,7 +40,7 @@ def run_setup(tiny_llama, text_records, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     train = write_records(folder / "train.jsonl", text_records[:40], jsonl=True)
     val = write_records(folder / "val.jsonl", text_records[40:52], jsonl=True)
-    data = cli_flags(train_file=train, validation_file=val, model_name_or_path=tiny_llama)
+    data = cli_flags(train_file=train, validation_file=val, validation_is_public=True, model_name_or_path=tiny_llama)
     one = str(folder / "one")
     args = [*data, *COMMON, *cli_flags(per_device_train_batch_size=4, output_dir=one)]
     run_ok([sys.executable, "train_clm.py", *args], process_env(2))

@@ -33,6 +33,18 @@ def test_inclusion_rate_matches_q_and_batch_size_varies():
     assert abs(sizes.mean() - 12) < 0.3 and sizes.std() > 2  # Binomial(60, 0.2): sd 3.1
 
 
+def test_the_stated_rate_is_exactly_the_inclusion_probability_of_the_draw():
+    """A record joins when a float64 uniform (a multiple of 2^-53) falls below q: probability
+    ceil(q 2^53) / 2^53. The sampler states that rate, so the accountant composes the one used
+    (in float32, rounding 8/63 up to the 2^-24 grid added 5e-9 that nobody accounted)."""
+    sampler = samplers(63, per_device=8, accumulation=1, processes=1)[0]
+    q = sampler.sampling_rate
+    assert (q * 2**53).is_integer() and 8 / 63 <= q < 8 / 63 + 2**-52
+    gen = sampler.randomness.generator("sample", 5)
+    uniforms = torch.rand(63, generator=gen, dtype=torch.float64)
+    assert sampler.step_indices(5) == (uniforms < q).nonzero().flatten().tolist()
+
+
 def test_processes_agree_and_share_the_draw_exactly_once():
     procs = samplers(50, per_device=2, accumulation=3, processes=2)
     for step in range(200):

@@ -62,7 +62,7 @@ def checkpoint(tiny_llama, text_records, tmp_path_factory):
         assert len(set(json.load(f)["weight_map"].values())) >= 3  # really several shards
     train = write_records(folder / "train.jsonl", text_records[:40], jsonl=True)
     val = write_records(folder / "val.jsonl", text_records[40:48], jsonl=True)
-    data = cli_flags(train_file=train, validation_file=val, model_name_or_path=model)
+    data = cli_flags(train_file=train, validation_file=val, validation_is_public=True, model_name_or_path=model)
     return {"folder": folder, "model": model, "data": data}
 
 

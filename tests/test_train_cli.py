@@ -29,7 +29,10 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
     out = tmp_path / "out"
     sizes = dict(block_size=64, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_steps=3)
     privacy = dict(clip_norm=1, noise_multiplier=1, delta=1e-3)
-    tracking = dict(validation_file=data, eval_freq=2, with_tracking=True, report_to="tensorboard")
+    val = write_records(tmp_path / "val.jsonl", text_records[24:32], jsonl=True)
+    tracking = dict(
+        validation_file=val, validation_is_public=True, eval_freq=2, with_tracking=True, report_to="tensorboard"
+    )
     args = train_args(tiny_llama, data, out, **sizes, **privacy, **tracking)
     result = run_ok([sys.executable, os.path.join(ROOT, "train_clm.py"), *args], process_env(), timeout=600)
     for name in [
@@ -46,7 +49,7 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["steps"] == 3 and report["clip_norm"] == 1 and report["epsilon"] > 0
     assert "eps=" in result.stderr and "loss=" in result.stderr  # the progress bar shows both
-    assert any("events.out.tfevents" in f for _, _, files in os.walk(out) for f in files)
+    assert any("events.out.tfevents" in f for _, _, files in os.walk(out / "tracker") for f in files)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -63,9 +66,10 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
 
 def test_loss_goes_down_without_privacy(tiny_llama, text_records, tmp_path):
     data = write_records(tmp_path / "train.json", text_records[:64])
+    val = write_records(tmp_path / "val.json", text_records[64:96])
     # a random model's output layer is near-uniform; adapting it too lets a few steps show learning
     targets = "q_proj,k_proj,v_proj,o_proj,lm_head"
-    common = dict(validation_file=data, lora_target_modules=targets, clip="-1", sigma="-1")
+    common = dict(validation_file=val, validation_is_public=True, lora_target_modules=targets, clip="-1", sigma="-1")
     schedule = dict(learning_rate=1e-2, lr_scheduler_type="constant", sampling="shuffle")
     out = train(tiny_llama, data, tmp_path / "out", max_train_steps=25, **schedule, batch=8, accumulation=1, **common)
     before = train(tiny_llama, data, tmp_path / "init", max_train_steps=0, **common)

@@ -131,10 +131,16 @@ def check_folders(output_dir: str, work_dir: str, resuming: bool) -> None:
 
 
 def check_same_file_system(output_dir: str, work_dir: str) -> None:
-    """The finished release moves from the work folder into --output_dir by renaming: one file system."""
-    for folder in (output_dir, work_dir):
-        os.makedirs(folder, exist_ok=True)
-    if os.stat(output_dir).st_dev != os.stat(work_dir).st_dev:
+    """The finished release moves from the work folder into --output_dir by renaming: one file system
+    (compared on the nearest folders that exist: nothing is created before the run is admitted)."""
+
+    def device(path):
+        path = os.path.abspath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return os.stat(path).st_dev
+
+    if device(output_dir) != device(work_dir):
         raise UserInputError(f"--work_dir {work_dir}: must be on the same file system as --output_dir {output_dir}")
 
 

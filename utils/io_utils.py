@@ -27,7 +27,8 @@ def write_json(path: str, data) -> None:
 def publish_outputs(output_dir: str, write_files, scratch_parent: str | None = None) -> None:
     """write_files(scratch) fills a scratch folder (in scratch_parent, default output_dir, on the same
     file system); its files then move into output_dir at once."""
-    os.makedirs(output_dir, exist_ok=True)
+    for folder in (output_dir, scratch_parent or output_dir):
+        os.makedirs(folder, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=".incomplete-", dir=scratch_parent or output_dir)
     try:
         write_files(scratch)

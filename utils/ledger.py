@@ -166,7 +166,9 @@ class PrivacyLedger:
             with open(self._path(_UNITS, digest), "rb") as f:
                 blob = f.read()
         except OSError as err:
-            raise UserInputError(f"privacy ledger {self.folder}: unit set {digest} unreadable ({_reason(err)})") from None
+            raise UserInputError(
+                f"privacy ledger {self.folder}: unit set {digest} unreadable ({_reason(err)})"
+            ) from None
         return {blob[i : i + 16] for i in range(0, len(blob), 16)}
 
     # -- reading ------------------------------------------------------------------------------------

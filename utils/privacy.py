@@ -198,11 +198,17 @@ class PrivacyPlan:
         self.discarded_steps = discarded
         if not discarded:
             return
-        say(f"note: {discarded} steps of a discarded branch of this run reached {self.args.output_dir}; epsilon counts them")
+        say(
+            f"note: {discarded} steps of a discarded branch of this run reached {self.args.output_dir}; "
+            "epsilon counts them"
+        )
         if self.args.target_epsilon is not None and self.accountant:
             allowed = self.accountant.steps_within(self.args.target_epsilon, self.steps + discarded) - discarded
             if allowed < self.steps:
-                say(f"warning: to stay within --target_epsilon {self.args.target_epsilon:g} this run stops at step {allowed}")
+                say(
+                    f"warning: to stay within --target_epsilon {self.args.target_epsilon:g} this run stops at "
+                    f"step {allowed}"
+                )
                 self.steps = max(start_step, allowed)
 
     def plan_line(self) -> str:
