@@ -112,7 +112,9 @@ def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, caps
     claimed = result["claimed_epsilon_replace_one"]
     assert 0.15 < claimed < 0.3  # target 0.1 (add/remove); same-size neighbours are replace-one
     if train_loss == "exact":
-        assert result["flagged_with_canary"] >= 7 and result["flagged_without_canary"] <= 1
+        # the canary's runs stand out (the threshold is the largest of 8 calibration runs, so about
+        # one run in nine without it is flagged too), beyond what the claim allows
+        assert result["flagged_with_canary"] >= 10 and result["flagged_without_canary"] <= 4
         assert result["empirical_epsilon_lower_bound"] > claimed
     else:
         assert result["empirical_epsilon_lower_bound"] == 0.0

@@ -54,7 +54,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, text_records
     assert first.exists(), "the run never reached its first checkpoint"
     if (out / "adapter_model.safetensors").exists():
         pytest.skip("the run finished before it could be killed")  # not expected: 24 steps take seconds
-    assert not os.listdir(out), "an unfinished run without a tracker has released nothing"
+    assert not out.exists(), "an unfinished run without a tracker has released nothing"
     # a torn save (scratch folder) must never be taken for a checkpoint
     os.makedirs(first.parent / ".incomplete_step_99", exist_ok=True)
 
