@@ -13,6 +13,7 @@ from conftest import ROOT, process_env, train_args, write_records
 from prv_accountant import PRVAccountant
 from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
+import train_clm
 from utils.accounting import FILTER_ORDERS, composed_epsilon, within_renyi_filter
 from utils.cli import UserInputError
 from utils.data_utils import load_records_file, unit_keys
@@ -183,30 +184,34 @@ def test_a_budget_admits_only_what_fits_running_runs_included(tmp_path):
         session(second, units, sigma=None, planned=1)
 
 
-def test_the_cli_stops_on_a_spent_budget_and_on_an_unusable_ledger(tiny_llama, text_records, tmp_path):
+def test_a_run_stops_on_a_spent_budget_and_on_an_unusable_ledger(tiny_llama, text_records, tmp_path):
+    """Both before the first step, leaving no folder behind (one line and exit status 2 from the
+    command line, like every UserInputError: test_bad_input.py)."""
     data = write_records(tmp_path / "d.json", text_records[:64])
     sizes = dict(block_size=32, per_device_train_batch_size=8, max_train_steps=4, noise_multiplier=1.0, delta=1e-3)
-    budget = dict(ledger_budget_epsilon=3)
 
     def run(out, **options):
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "train_clm.py"),
-            *train_args(tiny_llama, data, out, **sizes, **options),
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, env=process_env())
+        reset_accelerate()
+        train_clm.main(train_args(tiny_llama, data, out, **(sizes | options)))
 
-    first = run(tmp_path / "first", **budget)
-    assert first.returncode == 0, first.stderr[-2000:]
+    run(tmp_path / "first", ledger_budget_epsilon=3)
     report = json.loads((tmp_path / "first" / "privacy_report.json").read_text())
     assert report["ledger_budget_epsilon"] == 3 and report["ledger_steps"] == 4
-    second = run(tmp_path / "second", **budget)
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    assert second.stderr.strip().splitlines()[-1].startswith("error: --ledger_budget_epsilon 3 (delta 0.001)")
+    with pytest.raises(UserInputError, match=r"^--ledger_budget_epsilon 3 \(delta 0.001\): this run's 4 planned"):
+        run(tmp_path / "second", ledger_budget_epsilon=3)
+    with pytest.raises(UserInputError, match="^--ledger_budget_epsilon 3 "):  # the budget binds without the flag
+        run(tmp_path / "second", max_train_steps=3)
     assert not (tmp_path / "second").exists() and not (tmp_path / "second.work").exists()
 
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    broken = run(tmp_path / "third", ledger_dir=str(not_a_folder / "ledger"))
-    assert broken.returncode == 2 and broken.stderr.startswith("error: privacy ledger"), broken.stderr
-    assert len(broken.stderr.strip().splitlines()) == 1 and not (tmp_path / "third").exists()
+    with pytest.raises(UserInputError, match="^privacy ledger .*: unusable"):
+        run(tmp_path / "third", ledger_dir=str(not_a_folder / "ledger"))
+    assert not (tmp_path / "third").exists()
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

@@ -112,6 +112,7 @@ class PrivacyLedger:
             raise UserInputError(f"privacy ledger {self.folder}: unusable ({_reason(err)}); {_NEVER_FRESH}") from None
         self.session = None
         self._session_lock = None
+        self._unit_sets = {}  # digest -> unit set: a digest names its content, so it never goes stale
 
     def _path(self, *parts):
         return os.path.join(self.folder, *parts)
@@ -162,14 +163,16 @@ class PrivacyLedger:
         return digest
 
     def _load_units(self, digest: str) -> set[bytes]:
-        try:
-            with open(self._path(_UNITS, digest), "rb") as f:
-                blob = f.read()
-        except OSError as err:
-            raise UserInputError(
-                f"privacy ledger {self.folder}: unit set {digest} unreadable ({_reason(err)})"
-            ) from None
-        return {blob[i : i + 16] for i in range(0, len(blob), 16)}
+        if digest not in self._unit_sets:
+            try:
+                with open(self._path(_UNITS, digest), "rb") as f:
+                    blob = f.read()
+            except OSError as err:
+                raise UserInputError(
+                    f"privacy ledger {self.folder}: unit set {digest} unreadable ({_reason(err)}); {_NEVER_FRESH}"
+                ) from None
+            self._unit_sets[digest] = {blob[i : i + 16] for i in range(0, len(blob), 16)}
+        return self._unit_sets[digest]
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -245,14 +248,19 @@ class PrivacyLedger:
                 session.units = self._store_units(units)
                 self._check_parent(session, state)
                 self._check_release(session, state)
-                budgets = [b for b in self._budgets(state, units)] + ([session.budget] if session.budget else [])
+                budgets = self._budgets(state, units) + ([session.budget] if session.budget else [])
                 if budgets:
                     self._check_budgets(session, units, state, budgets)
-                self._session_lock = FileLock(self._path(_SESSIONS, f"{session.session}.lock"))
-                self._session_lock.acquire(timeout=0)
-                self._append({"kind": "session", **dataclasses.asdict(session), "time": _now()})
+                lock = FileLock(self._path(_SESSIONS, f"{session.session}.lock"))
+                lock.acquire(timeout=0)  # held while this session lives
+                try:
+                    self._append({"kind": "session", **dataclasses.asdict(session), "time": _now()})
+                except BaseException:
+                    self._release_session_lock(session.session, lock)
+                    raise
         except OSError as err:
             raise UserInputError(f"privacy ledger {self.folder}: cannot write ({_reason(err)})") from None
+        self._session_lock = lock
         self.session, self.units, self.steps_taken = session, units, 0
 
     def record_step(self, step: int) -> None:
