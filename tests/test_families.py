@@ -31,7 +31,7 @@ from utils.model_utils import disable_base_dropout
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 GPT2_REGEX = r"transformer\.h\.\d+\.attn\.(c_attn|c_proj)"  # attn.c_proj, not mlp.c_proj
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32, experts_implementation="eager")  # grouped_mm: no float64
-# family -> (config beyond the common tiny sizes, the default targets expected; the README table)
+# family -> (config beyond the common tiny sizes, the default targets expected; the table of docs/models.md)
 FAMILIES = {
     "llama": ({}, LLAMA_NAMES),
     "mistral": (dict(sliding_window=4), LLAMA_NAMES),  # a window shorter than the records

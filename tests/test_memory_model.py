@@ -1,5 +1,6 @@
 """utils/memory_model.py: parameter counts as the real models have them, the terms behave as the
-sharding says, and the README's table is the function's output (measured check: PERFORMANCE.md)."""
+sharding says, and the memory table of docs/distributed.md is the function's output (measured
+check: docs/performance.md, sharded loading and the memory model)."""
 
 import os
 
@@ -49,12 +50,13 @@ def test_terms_follow_the_sharding():
     assert no_ckpt["activations"] > 10 * one["activations"]
 
 
-def test_readme_table_is_the_function_output():
+def test_docs_table_is_the_function_output():
     from utils.memory_model import readme_table
 
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert readme_table() in readme, "README memory table out of date: python -m utils.memory_model"
+    with open(os.path.join(ROOT, "docs", "distributed.md")) as f:
+        page = f.read()
+    section = page[page.index("## Memory per GPU") :]
+    assert readme_table() in section, "docs/distributed.md memory table out of date: python -m utils.memory_model"
 
 
 def test_shape_of_a_transformers_config():

@@ -18,13 +18,6 @@ MEDICAL_TEXT = (
 )
 
 
-@pytest.fixture(scope="session")
-def prepared_model(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
-    prepare_model.main(["--output_dir", folder])
-    return folder
-
-
 def perplexity(model, input_ids):
     with torch.no_grad():
         return torch.exp(model(input_ids=input_ids, labels=input_ids).loss).item()

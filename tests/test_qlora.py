@@ -1,7 +1,7 @@
 """--load_in_4bit (QLoRA): an NF4 base from bitsandbytes, LoRA in float32, per-example gradients
 exact (docs/DESIGN.md 2.1: the per-example rules only touch the LoRA linears). bitsandbytes' CPU
 backend runs NF4 layers, so these run on CPU where bitsandbytes is installed; it is optional
-(README: 4-bit bases) and the tests that need it skip, saying so, where it is not. The GPU run of
+(docs/distributed.md: 4-bit bases) and the tests that need it skip, saying so, where it is not. The GPU run of
 the same exactness check is in scripts/gpu_check.py (section qlora)."""
 
 import sys

@@ -62,6 +62,17 @@ def test_a_known_dp_seed_gives_no_epsilon_and_never_reaches_the_tracker(tiny_lla
     assert all(row.get("epsilon") is None for row in json.loads((out / "training_log.json").read_text()))
     tracked = [p for p in glob.glob(str(out / "tracker" / "**"), recursive=True) if os.path.isfile(p)]
     assert tracked and not any(b"insecure_dp_seed" in open(p, "rb").read() for p in tracked)
+    # no step's duration (it grows with the realised batch size): every row has the same wall time
+    walltimes = {event.wall_time for path in tracked if "tfevents" in path for event in scalar_events(path)}
+    assert len(walltimes) == 1
+
+
+def scalar_events(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(path)
+    events.Reload()
+    return [event for tag in events.Tags()["scalars"] for event in events.Scalars(tag)]
 
 
 def test_non_private_runs_say_they_release_exact_statistics(tiny_llama, text_records, tmp_path):

@@ -117,7 +117,7 @@ def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup)
 
 def test_two_machine_config_runs_as_two_one_process_machines(setup):
     """accelerate_configs/fsdp_2machines_8gpus.cfg with num_processes and the address overridden,
-    exactly as the README's steps do on real machines; each 'machine' starts one process."""
+    exactly as the steps of docs/distributed.md do on real machines; each 'machine' starts one process."""
     out, reports, port = str(setup["folder"] / "machines"), str(setup["folder"] / "machine_reports"), free_port()
     config = os.path.join("accelerate_configs", "fsdp_2machines_8gpus.cfg")
     overrides = cli_flags(num_processes=2, main_process_ip="127.0.0.1", main_process_port=port, mixed_precision="no")

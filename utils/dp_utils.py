@@ -11,7 +11,7 @@ Privacy rules implemented here (docs/DESIGN.md section 2):
 
 Per-example gradients come from utils/per_example.py (one rule per layer type).
 
-Speed (PERFORMANCE.md): every layer's per-example gradients land in one [n, P] buffer (one row per
+Speed (docs/performance.md): every layer's per-example gradients land in one [n, P] buffer (one row per
 record), so the joint norms are one reduction and the clipped sum one matrix-vector product,
 whatever the number of layers; the buffer is dropped as soon as the micro-batch is clipped.
 """

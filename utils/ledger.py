@@ -411,6 +411,16 @@ class PrivacyLedger:
         return extra
 
 
+def ledger_line(report: dict) -> str:
+    """The console line of a finished run: what the worst-off unit of its data has spent."""
+    epsilon = report["ledger_epsilon"]
+    spent = f"epsilon {epsilon:.4g}" if epsilon is not None else "no guarantee (a run without one touched them)"
+    return (
+        f"privacy ledger {report['ledger_id']}: this data's worst-off privacy unit has spent {spent} at delta "
+        f"{report['ledger_delta']:g} over {report['ledger_steps']} steps of every run on it"
+    )
+
+
 _NEVER_FRESH = "the ledger is never replaced by a fresh one (that would forget what was spent): restore it, or point --ledger_dir at the right one"  # noqa: E501
 
 

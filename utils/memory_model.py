@@ -1,7 +1,7 @@
-"""Memory per process of a DP LoRA run: what a run needs per GPU before it starts (README: memory
-per GPU). Checked against measured CPU peaks in PERFORMANCE.md (scripts/sharded_memory.py).
+"""Memory per process of a DP LoRA run: what a run needs per GPU before it starts (docs/distributed.md:
+memory per GPU). Checked against measured CPU peaks in docs/performance.md (scripts/sharded_memory.py).
 
-    python -m utils.memory_model            # the README table: Llama 2 7B/13B/70B, 1/8/64 processes
+    python -m utils.memory_model            # the table of docs/distributed.md: Llama 2 7B/13B/70B, 1/8/64 processes
 
 Terms, in bytes, for one process:
   base         the frozen base it holds: all of it (one process, data parallel, 4-bit), or 1/N of
@@ -146,9 +146,9 @@ def predict(
 
 
 def readme_table(micro_batch=4, block_size=512, lora_r=16, processes=(1, 8, 64)):
-    """The README's table: GiB per process, total (and the base's share), bf16 sharded with FSDP
-    over more than one process, 4-bit whole on each; fixed costs (CUDA context, about 1 GiB) not
-    included."""
+    """The table of docs/distributed.md (memory per GPU): GiB per process, total (and the base's
+    share), bf16 sharded with FSDP over more than one process, 4-bit whole on each; fixed costs (CUDA
+    context, about 1 GiB) not included."""
     rows = [
         "| model | base | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in processes) + " |",
         "| --- | --- | " + " | ".join("---" for _ in processes) + " |",

@@ -1,6 +1,6 @@
 """The base model with LoRA, placed for training: the one call train_clm.py makes.
 
-Three ways to hold the frozen base (README: Multi-GPU, FSDP and CPU configs; docs/DESIGN.md 2.9):
+Three ways to hold the frozen base (docs/distributed.md; docs/DESIGN.md 2.9):
   * whole on every process (one process, or data parallel): `load_model`, as always;
   * FSDP: built on the meta device and sharded before anything is loaded, each process then reads
     only its own shards from the safetensors files (utils/sharded_loading.py): no process ever
@@ -11,7 +11,7 @@ process), and never managed by FSDP.
 """
 
 from utils.cli import UserInputError
-from utils.fsdp_utils import fsdp_requested, shard_frozen_base
+from utils.fsdp_utils import fsdp_requested, return_freed_memory_at_once, shard_frozen_base
 from utils.lora_utils import add_lora, lora_summary, parse_target_modules
 from utils.model_utils import PRECISION_DTYPES, check_block_size, disable_base_dropout, load_model, load_model_4bit
 from utils.sharded_loading import cpu_stand_ins, empty_model, load_local_shards, local_folder
@@ -26,12 +26,14 @@ def build_model(args, accelerator, token, say=print):
         raise UserInputError(
             "--load_in_4bit with FSDP: FSDP cannot shard bitsandbytes' 4-bit weights; use a data "
             "parallel config (accelerate_configs/accelerate_config_nofsdp.cfg), where every "
-            "process holds the whole 4-bit base (README: memory per GPU)"
+            "process holds the whole 4-bit base (docs/distributed.md: memory per GPU)"
         )
     entries = folder = None
     if four_bit:
         model = load_model_4bit(args.model_name_or_path, accelerator.mixed_precision, token, accelerator.device)
     elif fsdp:
+        if accelerator.device.type == "cpu":  # before anything loads: gathered layers are freed at once
+            return_freed_memory_at_once()
         with accelerator.local_main_process_first():  # a hub download happens once per machine
             folder = local_folder(args.model_name_or_path, token)
         model, entries = empty_model(folder, PRECISION_DTYPES[accelerator.mixed_precision])

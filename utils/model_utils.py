@@ -51,7 +51,7 @@ def load_model(name: str, mixed_precision: str = "no", token: str | None = None)
     return model
 
 
-BNB_VERSION = "0.50.2"  # the version the 4-bit path was tested with (README: 4-bit bases)
+BNB_VERSION = "0.50.2"  # the version the 4-bit path was tested with (docs/distributed.md: 4-bit bases)
 
 
 def bnb_4bit_config(compute_dtype=torch.bfloat16):

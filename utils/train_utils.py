@@ -56,7 +56,8 @@ class StepLog:
         self.history, self.exact, self.postfix = [], [], {}
         self.last_released_loss = None
 
-    def add(self, step: int, stats, lr: float, with_epsilon: bool) -> dict:
+    def add(self, step: int, stats, lr: float) -> dict:
+        """The row of step `step`, epsilon after it included: what the log and tracker publish."""
         plan = self.plan
         row = {"step": step, "lr": lr}
         loss = stats.released_loss if plan.private else stats.exact_loss
@@ -66,7 +67,7 @@ class StepLog:
         if plan.private and plan.train_loss == "exact":
             self.exact.append({"step": step, "exact_train_loss": stats.exact_loss, "records": stats.records})
             self.postfix["exact loss (not private)"] = f"{stats.exact_loss:.4f}"
-        if plan.private and with_epsilon:
+        if plan.private:
             row["epsilon"] = plan.published_epsilon()  # None when the DP seed is known
             self.postfix["eps_if_seed_secret" if plan.seed_published else "eps"] = f"{plan.epsilon():.3f}"
         self.postfix["lr"] = f"{lr:.2e}"
