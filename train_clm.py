@@ -105,6 +105,13 @@ def parse_args(argv=None):
     train.add_argument("--learning_rate", type=float, default=3e-4)
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    train.add_argument(
+        "--adam_epsilon",
+        type=float,
+        default=1e-8,
+        help="AdamW's epsilon: under DP, near the noise's per-coordinate scale (sigma C / B) it damps "
+        "coordinates the noise dominates",
+    )
     train.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=list(SchedulerType))
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument(
@@ -167,6 +174,8 @@ def validate_args(args):
         raise UserInputError(f"--num_train_epochs {args.num_train_epochs}: must be >= 0")
     if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size < 1:
         raise UserInputError(f"--per_device_eval_batch_size {args.per_device_eval_batch_size}: must be at least 1")
+    if not args.adam_epsilon > 0:
+        raise UserInputError(f"--adam_epsilon {args.adam_epsilon}: must be positive")
     if args.debug_sync_check < 0:
         raise UserInputError(f"--debug_sync_check {args.debug_sync_check}: must be >= 0")
     if args.validation_file and not args.validation_is_public:

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--learning_rate", type=float, default=1e-2)
+    p.add_argument("--lr_scheduler_type", default="linear", help="any transformers scheduler")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--clip_norm", type=float, default=1.0)
     p.add_argument(
         "--compare_nonprivate",
@@ -304,6 +306,10 @@ def train_command(args, model, paths, out, private, steps):
         args.lora_target_modules,
         "--learning_rate",
         str(args.learning_rate),
+        "--lr_scheduler_type",
+        args.lr_scheduler_type,
+        "--adam_epsilon",
+        repr(args.adam_epsilon),
         "--max_train_steps",
         str(steps),
         "--seed",

@@ -88,9 +88,18 @@ def test_max_train_steps_zero_saves_the_seeded_initial_adapter(tiny_llama, text_
         assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])  # depends on --seed only
 
 
-@pytest.mark.parametrize("ckpt", [[], ["--gradient_ckpt"]])
-def test_dp_update_is_mean_of_clipped_single_record_gradients(tiny_llama, text_records, tmp_path, ckpt):
-    """The acceptance check: each g_i measured by a one-record non-private SGD step of the script."""
+@pytest.mark.parametrize(
+    "ckpt, precision, tolerance",
+    [([], "no", 1e-4), (["--gradient_ckpt"], "no", 1e-4), ([], "bf16", 1e-2)],
+)
+def test_dp_update_is_mean_of_clipped_single_record_gradients(
+    tiny_llama, text_records, tmp_path, monkeypatch, ckpt, precision, tolerance
+):
+    """The acceptance check: each g_i measured by a one-record non-private SGD step of the script.
+    bf16 (accelerate_configs/cpu_1proc_bf16.cfg sets the same): the base in bf16 under autocast,
+    LoRA and per-example products float32; a record's bf16 forward in a batch of four is not
+    bit-equal to its forward alone (8 mantissa bits): 0.3% measured, hence 1e-2."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
     records = text_records[:4]
     sgd = cli_flags(optimizer="sgd", learning_rate=1, weight_decay=0, lr_scheduler_type="constant", sampling="shuffle")
     sgd += cli_flags(max_train_steps=1)
@@ -115,4 +124,4 @@ def test_dp_update_is_mean_of_clipped_single_record_gradients(tiny_llama, text_r
     num = torch.sqrt(sum((measured[k] - expected[k]).pow(2).sum() for k in initial))
     den = torch.sqrt(sum(expected[k].pow(2).sum() for k in initial))
     assert den > 0
-    assert num / den < 1e-4
+    assert num / den < tolerance

@@ -78,7 +78,9 @@ class StepLog:
 def build_optimizer(params: list, args, total_steps: int):
     """AdamW (or plain SGD) over the LoRA parameters, with the requested learning-rate schedule."""
     if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.adam_epsilon
+        )
     else:
         optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.0, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
