@@ -39,13 +39,15 @@ from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
 from utils.fsdp_utils import assert_replicas_agree
 from utils.io_utils import publish_outputs, write_json
-from utils.ledger import PrivacyLedger, Session, ledger_line, new_id
+from utils.ledger import PrivacyLedger, ledger_line, new_id
 from utils.lora_utils import save_adapter
 from utils.model_setup import build_model
 from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
 from utils.privacy import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
+from utils.run_ledger import admit_to_ledger, ledger_report
 from utils.sampling import UnitPoissonSampler, make_sampler
 from utils.train_utils import StepLog, build_optimizer, evaluate, tracker_config, train_logical_step
+from utils.validation import evaluate_private, private_validation
 
 
 def parse_args(argv=None):
@@ -59,7 +61,15 @@ def parse_args(argv=None):
         "--validation_is_public",
         action="store_true",
         help="the validation file may be disclosed: its exact loss and perplexity are published "
-        "(required with --validation_file; the built PubMed splits are public)",
+        "(with --validation_file, this or --validation_noise_multiplier; the built PubMed splits are public)",
+    )
+    data.add_argument(
+        "--validation_noise_multiplier",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="validation data that may not be disclosed: publish a private validation loss, each unit's "
+        "loss clipped to [0, --loss_clip] plus Gaussian noise of SIGMA x L, accounted as validation_epsilon",
     )
     data.add_argument("--block_size", type=int, default=512, help="max tokens per record (longer ones are truncated)")
     data.add_argument(
@@ -178,10 +188,16 @@ def validate_args(args):
         raise UserInputError(f"--adam_epsilon {args.adam_epsilon}: must be positive")
     if args.debug_sync_check < 0:
         raise UserInputError(f"--debug_sync_check {args.debug_sync_check}: must be >= 0")
-    if args.validation_file and not args.validation_is_public:
+    if args.validation_noise_multiplier is not None:
+        if not args.validation_noise_multiplier > 0:
+            raise UserInputError(f"--validation_noise_multiplier {args.validation_noise_multiplier}: must be positive")
+        if args.validation_is_public:
+            raise UserInputError("--validation_noise_multiplier is for validation data that is not public: drop one")
+    elif args.validation_file and not args.validation_is_public:
         raise UserInputError(
             f"--validation_file {args.validation_file}: its exact loss and perplexity are published, so it must be "
-            "data you may disclose; pass --validation_is_public if it is"
+            "data you may disclose; pass --validation_is_public if it is, or --validation_noise_multiplier for a "
+            "private validation loss"
         )
 
 
@@ -247,6 +263,7 @@ def setup(args, accelerator):
     if eval_set is None:
         say("note: no validation data (--validation_file or a validation split): evaluation skipped")
     model.train()
+    validation = private_validation(args, raw.get("validation"), args.loss_clip or uniform_guess_loss(model))
 
     randomness = DPRandomness(args.insecure_dp_seed)
     sampler = make_step_sampler(args, len(train_set), units, accelerator, randomness)
@@ -293,6 +310,7 @@ def setup(args, accelerator):
         collator=Collator(train_set, tokenizer.pad_token_id),
         eval_collator=Collator(eval_set, tokenizer.pad_token_id) if eval_set is not None else None,
         eval_batch=args.per_device_eval_batch_size or args.per_device_train_batch_size,
+        validation=validation,
     )
 
 
@@ -318,31 +336,9 @@ def make_step_sampler(args, num_records, units, accelerator, randomness):
 
 
 def admit(args, run, accelerator):
-    """This session on the privacy ledger (process 0), before it touches any data: a resumed run's
-    discarded branch counted, --ledger_budget_epsilon checked; then the tracker starts."""
-    state, plan = run.state, run.plan
-
-    def decide():
-        release = os.path.abspath(args.output_dir)
-        discarded = run.ledger.steps_off_lineage(state.run_id, release, state.lineage) if state.lineage else 0
-        plan.fit_discarded_steps(discarded, state.step, accelerator.print)
-        session = Session(
-            session=state.session_id,
-            run=state.run_id,
-            parent=state.parent,
-            release=release,
-            tracked=args.with_tracking,
-            sampling_rate=plan.sampling_rate,
-            noise_multiplier=plan.effective_noise_multiplier if plan.guaranteed else None,
-            relation=args.neighboring_relation,
-            planned=plan.steps - state.step,
-            budget=[args.ledger_budget_epsilon, args.delta] if args.ledger_budget_epsilon else None,
-        )
-        run.ledger.admit(session, run.unit_hashes)
-        return discarded, plan.steps
-
-    discarded, steps = on_main_process(decide, share=True)
-    plan.discarded_steps, plan.steps = discarded, steps
+    """This session on the privacy ledger (process 0) before it touches any data; then the tracker."""
+    discarded, steps = on_main_process(lambda: admit_to_ledger(args, run, accelerator.print), share=True)
+    run.plan.discarded_steps, run.plan.steps = discarded, steps
     if args.with_tracking:
         wandb_folder = {"wandb": {"dir": tracker_dir(args.output_dir)}}
         accelerator.init_trackers("dp_lora_finetuning", tracker_config(args), init_kwargs=wandb_folder)
@@ -367,7 +363,15 @@ def resume(run, checkpoint, accelerator):
 def run_eval(run, accelerator):
     if run.eval_set is None:
         return {}
-    return evaluate(run.model, run.eval_set, run.eval_collator, run.eval_batch, accelerator)
+    if run.validation is None:  # public validation data: exact
+        return evaluate(run.model, run.eval_set, run.eval_collator, run.eval_batch, accelerator)
+    validation = run.validation
+    validation.evaluations += 1
+    if validation.admitted:  # on the ledger before it reads the data
+        validation.admitted.record_step(validation.evaluations)
+    std, like = validation.noise_multiplier * validation.loss_clip, torch.zeros(1, dtype=torch.float64)
+    noise = lambda: run.dp_gradient.noise((1,), std, "validation_noise", run.state.step, like)  # noqa: E731
+    return evaluate_private(run.model, run.eval_set, run.eval_collator, run.eval_batch, accelerator, validation, noise)
 
 
 def train(args, run, accelerator):
@@ -382,7 +386,7 @@ def train(args, run, accelerator):
     reseed_public_generators(args.seed, run.state.step)
     for step in bar:
         if run.ledger:  # on disk before the step touches any data, so before anything it produces
-            run.ledger.record_step(step + 1)
+            run.ledgered.record_step(step + 1)
         stats = train_logical_step(
             run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient, accelerator, step
         )
@@ -440,9 +444,7 @@ def save(args, run, accelerator):
     }
     run.dp_gradient.detach()
     if accelerator.is_main_process:
-        report.update(run.ledger.totals(args.delta))
-        if args.ledger_budget_epsilon:
-            report["ledger_budget_epsilon"] = args.ledger_budget_epsilon
+        report.update(ledger_report(args, run))
         accelerator.print(ledger_line(report))
         if run.log.exact:  # curator-only: working state, never the release
             os.makedirs(args.work_dir, exist_ok=True)

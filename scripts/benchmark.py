@@ -76,6 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list; nonprivate and dp always run")
     p.add_argument("--device", help="override the preset's device (e.g. cpu for a tiny gpu-7b --layers 1 run)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="the frozen base's dtype, bfloat16 under autocast (default: per preset; LoRA stays float32)",
+    )
     p.add_argument("--check", action="store_true", help="first check that the DP variants give the same gradient")
     p.add_argument("--no_memory", action="store_true", help="skip the CPU peak-memory measurement")
     p.add_argument("--json", help="write the results here")
@@ -87,7 +92,7 @@ def parse_args(argv=None):
             setattr(args, key, preset[name])
     args.variants = [v for v in VARIANTS if v in {"nonprivate", "dp", *args.variants.split(",")}]
     args.device = args.device or preset.get("device", "cpu")
-    args.dtype = getattr(torch, preset.get("dtype", "float32"))
+    args.dtype = getattr(torch, args.dtype or preset.get("dtype", "float32"))
     return args
 
 

@@ -24,16 +24,15 @@ def session(ledger, units, q=0.125, sigma=1.0, planned=10, budget=None, parent=N
     s = Session(
         new_id(), run or new_id(), parent, "/release/" + new_id(), False, q, sigma, "add_remove", planned, budget
     )
-    ledger.admit(s, units)
-    return s
+    return ledger.admit(s, units)
 
 
 def spend(ledger, units, steps, **kwargs):
-    s = session(ledger, units, planned=steps, **kwargs)
+    admitted = session(ledger, units, planned=steps, **kwargs)
     for step in range(1, steps + 1):
-        ledger.record_step(step)
-    ledger.close()
-    return s
+        admitted.record_step(step)
+    admitted.close()
+    return admitted
 
 
 def hashes(ledger, n, start=0):
@@ -66,8 +65,7 @@ def test_ledger_epsilon_is_the_worst_off_units_composition(tmp_path):
     ledger = PrivacyLedger(str(tmp_path / "ledger"))
     first, second = hashes(ledger, 64), hashes(ledger, 64, start=32)
     spend(ledger, first, 10, q=0.125, sigma=1.0)
-    spend(ledger, second, 6, q=0.25, sigma=1.5)
-    totals = ledger.totals(1e-3)
+    totals = spend(ledger, second, 6, q=0.25, sigma=1.5).totals(1e-3)
     mixed = {(0.125, 1.0): 10, (0.25, 1.5): 6}
     assert totals["ledger_steps"] == 16 and totals["ledger_entries"] == 16
     assert totals["ledger_epsilon"] == pytest.approx(composed_epsilon(mixed, 1e-3), rel=1e-12)
@@ -75,19 +73,17 @@ def test_ledger_epsilon_is_the_worst_off_units_composition(tmp_path):
     assert low * 0.99 <= totals["ledger_epsilon"] <= high * 1.01
     assert totals["ledger_epsilon_replace_one"] > totals["ledger_epsilon"]
     # a data set of units only the second run touched has spent only its steps
-    ledger.admit(Session(new_id(), new_id(), None, "/r", False, 0.25, 1.5, "add_remove", 0), hashes(ledger, 32, 64))
-    assert ledger.totals(1e-3)["ledger_steps"] == 6
-    ledger.close()
+    assert ledger.totals(hashes(ledger, 32, 64), 1e-3)["ledger_steps"] == 6
 
 
 def test_a_run_without_a_guarantee_voids_the_figure_of_the_units_it_touched(tmp_path):
     ledger = PrivacyLedger(str(tmp_path / "ledger"))
     touched, untouched = hashes(ledger, 16), hashes(ledger, 16, start=16)
     spend(ledger, touched, 1, sigma=None)  # non-private, sigma 0 or a published DP seed
-    spend(ledger, touched | untouched, 4)
-    assert ledger.totals(1e-3)["ledger_epsilon"] is None
-    spend(ledger, untouched, 4)
-    assert ledger.totals(1e-3)["ledger_epsilon"] == pytest.approx(composed_epsilon({(0.125, 1.0): 8}, 1e-3))
+    assert spend(ledger, touched | untouched, 4).totals(1e-3)["ledger_epsilon"] is None
+    assert spend(ledger, untouched, 4).totals(1e-3)["ledger_epsilon"] == pytest.approx(
+        composed_epsilon({(0.125, 1.0): 8}, 1e-3)
+    )
 
 
 def entries(ledger):
@@ -97,26 +93,26 @@ def entries(ledger):
 def test_torn_lines_are_counted_and_a_corrupt_ledger_stops(tmp_path):
     ledger = PrivacyLedger(str(tmp_path / "ledger"))
     units = hashes(ledger, 8)
-    s = spend(ledger, units, 3)
+    s = spend(ledger, units, 3).session
     with open(entries(ledger), "a") as f:  # a crash in the middle of writing step 4
         f.write(f'{{"kind": "step", "session": "{s.session}", "run": "{s.run}", "st')
-    assert ledger.totals(1e-3)["ledger_steps"] == 4
+    assert ledger.totals(units, 1e-3)["ledger_steps"] == 4
     spend(ledger, units, 1)  # the next write keeps the torn line apart (and marked) and it stays counted
-    assert ledger.totals(1e-3)["ledger_steps"] == 5
+    assert ledger.totals(units, 1e-3)["ledger_steps"] == 5
     open_session = session(ledger, units, planned=2)
     with open(entries(ledger), "a") as f:
         f.write('{"ki')  # not even the session is readable: charged to every session still open
-    assert ledger.totals(1e-3)["ledger_steps"] == 6
-    ledger.record_step(1)
-    ledger.close()
-    assert ledger.totals(1e-3)["ledger_steps"] == 7 and open_session.planned == 2
+    assert ledger.totals(units, 1e-3)["ledger_steps"] == 6
+    open_session.record_step(1)
+    open_session.close()
+    assert ledger.totals(units, 1e-3)["ledger_steps"] == 7
 
     lines = open(entries(ledger)).read().split("\n")
     lines[3] = "not json at all"  # damage that no crash makes
     with open(entries(ledger), "w") as f:
         f.write("\n".join(lines))
     with pytest.raises(UserInputError, match="line 4 is corrupt; the ledger is never replaced"):
-        ledger.totals(1e-3)
+        ledger.totals(units, 1e-3)
 
 
 @pytest.mark.parametrize("damage", ["salt", "entries.jsonl"])
@@ -169,12 +165,12 @@ def test_a_budget_admits_only_what_fits_running_runs_included(tmp_path):
         "from utils.ledger import PrivacyLedger, Session, new_id\n"
         "ledger = PrivacyLedger(sys.argv[2])\n"
         "units = ledger.unit_hashes([f'unit {i}'.encode() for i in range(32)])\n"
-        "ledger.admit(Session(new_id(), new_id(), None, '/r', False, 1.0, 10.0, 'add_remove', 2), units)\n"
-        "ledger.record_step(1)\n"
+        "admitted = ledger.admit(Session(new_id(), new_id(), None, '/r', False, 1.0, 10.0, 'add_remove', 2), units)\n"
+        "admitted.record_step(1)\n"
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", crash, ROOT, folder], check=True, env=process_env())
-    assert first.totals(1e-5)["ledger_steps"] == 1
+    assert first.totals(units, 1e-5)["ledger_steps"] == 1
     session(first, units, q=1.0, sigma=10.0, planned=steps_fitting - 1, budget=budget)
     first.close()
     # once set for these units, the budget binds a later run that does not repeat it

@@ -70,6 +70,10 @@ def _step_pld(sigma, q, relation):
 
 @lru_cache(maxsize=4096)
 def _pld_epsilon(sigma, q, steps, delta, relation="add_remove"):
+    if sigma < _SIGMA_MIN:
+        # the privacy loss spreads over so wide a range that its PLD would not fit in memory; RDP
+        # still bounds epsilon from above (add/remove; replace-one: no bound, so infinite)
+        return _rdp_epsilon(sigma, q, steps, delta) if relation == "add_remove" else math.inf
     return float(_step_pld(sigma, q, relation).self_compose(steps).get_epsilon_for_delta(delta))
 
 
@@ -335,6 +339,13 @@ def composed_epsilon(mechanisms: dict, delta: float, relation: str = "add_remove
     used = [(q, sigma) for (q, sigma), count in mechanisms.items() if count and q > 0]
     if not used:
         return 0.0
+    if min(sigma for _, sigma in used) < _SIGMA_MIN:  # a PLD too wide for memory (see _pld_epsilon)
+        if relation != "add_remove":
+            return math.inf
+        rdp_accountant = rdp.RdpAccountant()
+        rdp_accountant.compose(_ledger_event(mechanisms))
+        with _quiet_absl():
+            return float(rdp_accountant.get_epsilon(delta))
     interval = min(_discretization(sigma, q) for q, sigma in used)
     accountant = pld.PLDAccountant(NEIGHBORING_RELATIONS[relation], value_discretization_interval=interval)
     accountant.compose(_ledger_event(mechanisms))

@@ -240,9 +240,9 @@ class DPGradient:
         if self.private and rank() == 0:
             # one draw for the whole job: only process 0 adds noise, before the sum
             if self.noise_multiplier > 0:
-                flat += self._noise(flat.shape, self.noise_multiplier * self.clip_norm, "noise", step, flat)
+                flat += self.noise(flat.shape, self.noise_multiplier * self.clip_norm, "noise", step, flat)
             if self.loss_clip is not None and self.loss_noise_multiplier > 0:
-                stats[:1] += self._noise((1,), self.loss_noise_multiplier * self.loss_clip, "loss_noise", step, stats)
+                stats[:1] += self.noise((1,), self.loss_noise_multiplier * self.loss_clip, "loss_noise", step, stats)
         if world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
@@ -259,7 +259,9 @@ class DPGradient:
             nonfinite=int(nonfinite),
         )
 
-    def _noise(self, shape, std, purpose, step, like):
+    def noise(self, shape, std, purpose, step, like):
+        """One draw of N(0, std^2): from the OS's cryptographic generator with --secure_noise, else from
+        the DP generator of (purpose, step). Process 0 alone calls it: one draw for the whole job."""
         if self.secure_noise:
             return secure_gaussian(shape, std, like.dtype, like.device)
         gen = self.randomness.generator(purpose, step, device=like.device.type)

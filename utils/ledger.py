@@ -71,6 +71,7 @@ class Session:
     relation: str
     planned: int  # the steps it may still take: its reservation
     budget: list | None = None  # [epsilon, delta] of --ledger_budget_epsilon
+    purpose: str = "train"  # "validation": a private validation loss, one Gaussian per evaluation
     units: str = ""  # digest of its unit set, filled in by admit()
 
     @property
@@ -110,8 +111,7 @@ class PrivacyLedger:
             raise
         except (OSError, ValueError, KeyError) as err:
             raise UserInputError(f"privacy ledger {self.folder}: unusable ({_reason(err)}); {_NEVER_FRESH}") from None
-        self.session = None
-        self._session_lock = None
+        self._open = []  # the Admitted sessions of this process, closed by close()
         self._unit_sets = {}  # digest -> unit set: a digest names its content, so it never goes stale
 
     def _path(self, *parts):
@@ -238,10 +238,10 @@ class PrivacyLedger:
             f.flush()
             os.fsync(f.fileno())
 
-    def admit(self, session: Session, units: set[bytes]) -> None:
+    def admit(self, session: Session, units: set[bytes]) -> "Admitted":
         """Put the session, its units and its reservation on the ledger, after checking under the
         exclusive lock that a resumed checkpoint belongs to the same data and that every budget set
-        for these units can pay for the planned steps; from then on record_step() may be called."""
+        for these units can pay for the planned steps; returns the handle that records its steps."""
         try:
             with self._lock:
                 state = self.read()
@@ -260,28 +260,14 @@ class PrivacyLedger:
                     raise
         except OSError as err:
             raise UserInputError(f"privacy ledger {self.folder}: cannot write ({_reason(err)})") from None
-        self._session_lock = lock
-        self.session, self.units, self.steps_taken = session, units, 0
-
-    def record_step(self, step: int) -> None:
-        """Step `step` of the admitted session, on disk before it touches any data."""
-        s = self.session
-        entry = {"kind": "step", "session": s.session, "run": s.run, "step": step, "sampling_rate": s.sampling_rate}
-        entry.update(noise_multiplier=s.noise_multiplier, relation=s.relation, units=s.units)
-        with self._lock:
-            self._append(entry)
-        self.steps_taken += 1
+        admitted = Admitted(self, session, units, lock)
+        self._open.append(admitted)
+        return admitted
 
     def close(self) -> None:
-        """The session ended (finished or failed): its reservation lapses; its steps stay."""
-        if self.session is None:
-            return
-        try:
-            with self._lock:
-                self._append({"kind": "end", "session": self.session.session, "steps": self.steps_taken})
-        finally:
-            self._release_session_lock(self.session.session, self._session_lock)
-            self.session = None
+        """Every session this process admitted ended (finished or failed): reservations lapse, steps stay."""
+        while self._open:
+            self._open.pop().close()
 
     def _release_session_lock(self, session_id, lock):
         lock.release()
@@ -378,14 +364,14 @@ class PrivacyLedger:
         maximal = [g for g in groups if not any(g < other for other in groups)]
         return [sum((by_set[d] for d in group), Counter()) for group in maximal] or [Counter()]
 
-    def totals(self, delta: float) -> dict:
-        """The report's ledger figures for the admitted session's units: the worst-off unit's PLD
-        composition of every ledgered step that touched it, at `delta`."""
+    def totals(self, units: set[bytes], delta: float) -> dict:
+        """The report's ledger figures for `units`: the worst-off unit's PLD composition of every
+        ledgered step that touched it, at `delta`."""
         state = self.read()
-        spends = self.spend(state, self.units)
+        spends = self.spend(state, units)
         worst = max(spends, key=lambda c: (composed_epsilon(c, delta), sum(c.values())))
         add_remove, replace_one = composed_epsilon(worst, delta), composed_epsilon(worst, delta, "replace_one")
-        mine = {d for d in {digest for _, _, digest, _ in state.steps} if self._load_units(d) & self.units}
+        mine = {d for d in {digest for _, _, digest, _ in state.steps} if self._load_units(d) & units}
         return {
             "ledger_epsilon": add_remove if add_remove != float("inf") else None,
             "ledger_epsilon_replace_one": replace_one if replace_one != float("inf") else None,
@@ -406,9 +392,51 @@ class PrivacyLedger:
         extra = 0
         for session_id, step, _, _ in state.steps:
             entry = state.sessions.get(session_id)
-            if entry and entry["run"] == run and entry["release"] == release and entry["tracked"]:
-                extra += step is None or step not in kept.get(session_id, ())
+            if (
+                entry
+                and entry.get("purpose", "train") == "train"
+                and entry["run"] == run
+                and entry["release"] == release
+            ):
+                extra += entry["tracked"] and (step is None or step not in kept.get(session_id, ()))
         return extra
+
+    def run_steps(self, run: str, purpose: str) -> int:
+        """Steps of every session of `run` with this purpose, on any branch (a crashed one too)."""
+        state = self.read()
+        ids = {sid for sid, e in state.sessions.items() if e["run"] == run and e.get("purpose", "train") == purpose}
+        return sum(1 for session_id, _, _, _ in state.steps if session_id in ids)
+
+
+class Admitted:
+    """An admitted session: it records its steps, gives its units' totals, and ends."""
+
+    def __init__(self, ledger, session, units, lock):
+        self.ledger, self.session, self.units, self._lock = ledger, session, units, lock
+        self.steps_taken = 0
+
+    def record_step(self, step: int) -> None:
+        """Step `step` of this session, on disk before it touches any data."""
+        s = self.session
+        entry = {"kind": "step", "session": s.session, "run": s.run, "step": step, "sampling_rate": s.sampling_rate}
+        entry.update(noise_multiplier=s.noise_multiplier, relation=s.relation, units=s.units)
+        with self.ledger._lock:
+            self.ledger._append(entry)
+        self.steps_taken += 1
+
+    def totals(self, delta: float) -> dict:
+        return self.ledger.totals(self.units, delta)
+
+    def close(self) -> None:
+        """The session ended (finished or failed): its reservation lapses; its steps stay."""
+        if self._lock is None:
+            return
+        try:
+            with self.ledger._lock:
+                self.ledger._append({"kind": "end", "session": self.session.session, "steps": self.steps_taken})
+        finally:
+            self.ledger._release_session_lock(self.session.session, self._lock)
+            self._lock = None
 
 
 def ledger_line(report: dict) -> str:

@@ -11,7 +11,7 @@ from utils.dist_utils import world_size
 from utils.dp_utils import per_record_loss
 
 
-def _to_device(batch, device):
+def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -27,7 +27,7 @@ def train_logical_step(model: torch.nn.Module, micro_batches: list, collator, dp
 
     def forward(micro_batch):
         indices, units = records_and_units(micro_batch)
-        losses, counts = forward_losses(model, _to_device(collator(indices), accelerator.device), accelerator)
+        losses, counts = forward_losses(model, to_device(collator(indices), accelerator.device), accelerator)
         return losses, counts, units
 
     return dp_gradient.logical_step(map(forward, micro_batches), step)
@@ -119,7 +119,7 @@ def evaluate(model: torch.nn.Module, dataset, collator, batch_size: int, acceler
     indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     rounds = math.ceil(math.ceil(len(dataset) / accelerator.num_processes) / batch_size)
     for k in range(rounds):  # the same count on every process (FSDP gathers are collective)
-        batch = _to_device(collator(indices[k * batch_size : (k + 1) * batch_size]), accelerator.device)
+        batch = to_device(collator(indices[k * batch_size : (k + 1) * batch_size]), accelerator.device)
         losses, counts = forward_losses(model, batch, accelerator)
         totals[0] += (losses.double() * counts).sum().cpu()
         totals[1] += counts.sum().cpu()
