@@ -316,37 +316,54 @@ class PrivacyAccountant:
 # Composing a privacy ledger (utils/ledger.py): many runs, each its own (q, sigma), on one unit
 # ----------------------------------------------------------------------------------------------
 
-# A mechanism on the ledger: (sampling rate q, effective noise multiplier sigma) -> invocations.
-# sigma None stands for a step without a guarantee (non-private, sigma 0, a published DP seed).
+# A mechanism on the ledger: (sampling rate q, effective noise multiplier sigma) -> invocations; or
+# (q, sigma, steps, mean, shape): a tuning procedure (scripts/tune.py) that trains a random number
+# of trials of `steps` such steps (its mean and shape: dp_accounting's RepeatAndSelectDpEvent) and
+# releases the best one. sigma None stands for a step without a guarantee (non-private, sigma 0, a
+# published DP seed).
+
+
+def _mechanism_event(key, count):
+    q, sigma, *select = key
+    if not select:
+        return _event(sigma, q, count)
+    steps, mean, shape = select
+    procedure = dp_accounting.dp_event.RepeatAndSelectDpEvent(_event(sigma, q, steps), mean, shape)
+    return dp_accounting.SelfComposedDpEvent(procedure, count)
 
 
 def _ledger_event(mechanisms):
-    return dp_accounting.ComposedDpEvent(
-        [_event(sigma, q, count) for (q, sigma), count in sorted(mechanisms.items()) if count and q > 0]
-    )
+    used = sorted((key, count) for key, count in mechanisms.items() if count and key[0] > 0)
+    return dp_accounting.ComposedDpEvent([_mechanism_event(key, count) for key, count in used])
 
 
 def _unbounded(mechanisms) -> bool:
-    return any(count and q > 0 and not sigma for (q, sigma), count in mechanisms.items())
+    return any(count and key[0] > 0 and not key[1] for key, count in mechanisms.items())
+
+
+def mechanism_steps(mechanisms: dict) -> int:
+    """Training steps the mechanisms stand for: a tuning procedure counts as one trial's steps."""
+    return sum(count * (key[2] if len(key) > 2 else 1) for key, count in mechanisms.items())
 
 
 def composed_epsilon(mechanisms: dict, delta: float, relation: str = "add_remove") -> float:
-    """PLD epsilon at `delta` of every invocation in `mechanisms` composed (inf when one of them has
-    no guarantee): tight for runs whose settings were fixed in advance."""
+    """Epsilon at `delta` of every invocation in `mechanisms` composed (inf when one of them has no
+    guarantee): PLD, tight for runs whose settings were fixed in advance; RDP where PLD cannot (a
+    tuning procedure, or a sigma too small for a PLD in memory), then add/remove only."""
     _check_relation(relation)
     if _unbounded(mechanisms):
         return math.inf
-    used = [(q, sigma) for (q, sigma), count in mechanisms.items() if count and q > 0]
+    used = [key for key, count in mechanisms.items() if count and key[0] > 0]
     if not used:
         return 0.0
-    if min(sigma for _, sigma in used) < _SIGMA_MIN:  # a PLD too wide for memory (see _pld_epsilon)
-        if relation != "add_remove":
+    if any(len(key) > 2 for key in used) or min(key[1] for key in used) < _SIGMA_MIN:
+        if relation != "add_remove":  # dp_accounting's RDP has no replace-one Poisson sampling
             return math.inf
         rdp_accountant = rdp.RdpAccountant()
-        rdp_accountant.compose(_ledger_event(mechanisms))
         with _quiet_absl():
+            rdp_accountant.compose(_ledger_event(mechanisms))
             return float(rdp_accountant.get_epsilon(delta))
-    interval = min(_discretization(sigma, q) for q, sigma in used)
+    interval = min(_discretization(key[1], key[0]) for key in used)
     accountant = pld.PLDAccountant(NEIGHBORING_RELATIONS[relation], value_discretization_interval=interval)
     accountant.compose(_ledger_event(mechanisms))
     return float(accountant.get_epsilon(delta))
@@ -378,10 +395,10 @@ def within_renyi_filter(mechanisms: dict, epsilon: float, delta: float) -> bool:
         if _filter_budget(order, epsilon, delta) <= 1e-9:
             continue  # this order cannot pay for the conversion at all
         accountant = rdp.RdpAccountant(orders=[order])
-        accountant.compose(event)
         # with one order, dp_accounting's epsilon at delta / K is the conversion above, so this is
         # exactly "order-a RDP <= B_a" (public API only)
         with _quiet_absl():
+            accountant.compose(event)
             if accountant.get_epsilon(delta / k) <= epsilon:
                 return True
     return False

@@ -33,7 +33,7 @@ from collections import Counter
 import platformdirs
 from filelock import FileLock, Timeout
 
-from utils.accounting import composed_epsilon, within_renyi_filter
+from utils.accounting import composed_epsilon, mechanism_steps, within_renyi_filter
 from utils.cli import UserInputError
 
 LEDGER_ENV = "DP_LEDGER_DIR"
@@ -71,12 +71,21 @@ class Session:
     relation: str
     planned: int  # the steps it may still take: its reservation
     budget: list | None = None  # [epsilon, delta] of --ledger_budget_epsilon
-    purpose: str = "train"  # "validation": a private validation loss, one Gaussian per evaluation
+    # "train"; "validation": a private validation loss, one Gaussian per evaluation; "procedure": a
+    # tuning procedure, one invocation of `select`; "trial": one of its trials, covered by it
+    purpose: str = "train"
+    select: list | None = None  # a procedure's [trial steps, mean trials, shape] (RepeatAndSelect)
+    procedure: str | None = None  # a trial's procedure
     units: str = ""  # digest of its unit set, filled in by admit()
 
     @property
     def mechanism(self):
-        return (self.sampling_rate, self.noise_multiplier or None)
+        return _mechanism_of(dataclasses.asdict(self))
+
+
+def _mechanism_of(entry: dict) -> tuple:
+    """(q, sigma), or (q, sigma, steps, mean, shape) for a tuning procedure (accounting.py)."""
+    return (entry["sampling_rate"], entry["noise_multiplier"] or None, *(entry.get("select") or ()))
 
 
 @dataclasses.dataclass
@@ -204,10 +213,12 @@ class PrivacyLedger:
             if kind == "session":
                 state.sessions[entry["session"]] = entry
             elif kind == "step":
-                mechanism = (entry["sampling_rate"], entry["noise_multiplier"] or None)
-                state.steps.append((entry["session"], entry["step"], entry["units"], mechanism))
+                state.steps.append((entry["session"], entry["step"], entry["units"], _mechanism_of(entry)))
             elif kind == "end":
                 state.ended.add(entry["session"])
+        # a tuning procedure's one invocation covers its trials: their steps are on the ledger, not spent twice
+        covered = {s for s, e in state.sessions.items() if state.sessions.get(e.get("procedure"), {}).get("select")}
+        state.steps = [step for step in state.steps if step[0] not in covered]
         return state
 
     def _count_torn(self, line, state):
@@ -221,8 +232,7 @@ class PrivacyLedger:
         for owner in owners:
             entry = state.sessions.get(owner)
             if entry:
-                mechanism = (entry["sampling_rate"], entry["noise_multiplier"] or None)
-                state.steps.append((owner, None, entry["units"], mechanism))
+                state.steps.append((owner, None, entry["units"], _mechanism_of(entry)))
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -249,7 +259,9 @@ class PrivacyLedger:
                 self._check_parent(session, state)
                 self._check_release(session, state)
                 budgets = self._budgets(state, units) + ([session.budget] if session.budget else [])
-                if budgets:
+                if session.procedure:  # its procedure paid for it, and passed every budget
+                    self._check_trial(session, state)
+                elif budgets:
                     self._check_budgets(session, units, state, budgets)
                 lock = FileLock(self._path(_SESSIONS, f"{session.session}.lock"))
                 lock.acquire(timeout=0)  # held while this session lives
@@ -314,6 +326,17 @@ class PrivacyLedger:
                 f"{session.release}: holds part of another run's release; fork the checkpoint into a new --output_dir"
             )
 
+    def _check_trial(self, session, state):
+        """A trial runs only inside a running procedure, on its data, with its mechanism."""
+        procedure = state.sessions.get(session.procedure)
+        running = procedure and procedure.get("select") and session.procedure not in state.ended
+        same = running and procedure["units"] == session.units and _mechanism_of(procedure)[:2] == session.mechanism
+        if not same or session.planned > procedure["select"][0]:
+            raise UserInputError(
+                "a tuning trial outside its procedure (no running procedure on this ledger with the same data, "
+                "sampling rate, noise and at least as many steps): run trials through scripts/tune.py"
+            )
+
     def _budgets(self, state, units):
         """Budgets an earlier session set for some of these units: once set, a budget binds every
         later run on them."""
@@ -353,9 +376,8 @@ class PrivacyLedger:
             taken = Counter(s for s, _, _, _ in state.steps)
             for sid, entry in state.sessions.items():
                 left = entry.get("planned", 0) - taken[sid]
-                if sid not in state.ended and left > 0 and self._alive(sid):
-                    mechanism = (entry["sampling_rate"], entry["noise_multiplier"] or None)
-                    by_set.setdefault(entry["units"], Counter())[mechanism] += left
+                if sid not in state.ended and left > 0 and not entry.get("procedure") and self._alive(sid):
+                    by_set.setdefault(entry["units"], Counter())[_mechanism_of(entry)] += left
         members = {}
         for digest in by_set:
             for unit in self._load_units(digest) & units:
@@ -375,7 +397,7 @@ class PrivacyLedger:
         return {
             "ledger_epsilon": add_remove if add_remove != float("inf") else None,
             "ledger_epsilon_replace_one": replace_one if replace_one != float("inf") else None,
-            "ledger_steps": sum(worst.values()),
+            "ledger_steps": mechanism_steps(worst),
             "ledger_delta": delta,
             "ledger_id": self.ledger_id,
             "ledger_entries": sum(1 for _, _, digest, _ in state.steps if digest in mine),
@@ -420,6 +442,7 @@ class Admitted:
         s = self.session
         entry = {"kind": "step", "session": s.session, "run": s.run, "step": step, "sampling_rate": s.sampling_rate}
         entry.update(noise_multiplier=s.noise_multiplier, relation=s.relation, units=s.units)
+        entry.update({key: getattr(s, key) for key in ("select", "procedure") if getattr(s, key)})
         with self.ledger._lock:
             self.ledger._append(entry)
         self.steps_taken += 1

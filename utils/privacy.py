@@ -108,6 +108,9 @@ def add_privacy_args(parser: argparse.ArgumentParser):
         help="cap, at --delta, what any privacy unit may spend over every run on the ledger (a Renyi filter: "
         "valid however runs are chosen); once set for a unit, it binds every later run on it",
     )
+    # set by scripts/tune.py on its trials: the ledger's tuning procedures that cover their steps
+    privacy.add_argument("--ledger_procedure", default=None, help=argparse.SUPPRESS)
+    privacy.add_argument("--ledger_validation_procedure", default=None, help=argparse.SUPPRESS)
     return privacy
 
 

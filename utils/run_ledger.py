@@ -27,6 +27,7 @@ def admit_to_ledger(args, run, say=print) -> tuple[int, int]:
         relation=args.neighboring_relation,
         planned=plan.steps - state.step,
         budget=[args.ledger_budget_epsilon, args.delta] if args.ledger_budget_epsilon else None,
+        **trial_of(args.ledger_procedure),
     )
     run.ledgered = run.ledger.admit(session, run.unit_hashes)
     if run.validation:  # its own units, its own Gaussian, one per evaluation
@@ -37,10 +38,15 @@ def admit_to_ledger(args, run, say=print) -> tuple[int, int]:
             sampling_rate=1.0,
             noise_multiplier=None if plan.seed_published else run.validation.noise_multiplier,
             planned=planned_evaluations(state.step, plan.steps, args.eval_freq),
-            purpose="validation",
+            **({"purpose": "validation"} | trial_of(args.ledger_validation_procedure)),
         )
         run.validation.admitted = run.ledger.admit(validation, run.ledger.unit_hashes(run.validation.keys))
     return discarded, plan.steps
+
+
+def trial_of(procedure: str | None) -> dict:
+    """A trial of scripts/tune.py: its steps are covered by the procedure's one invocation."""
+    return {"purpose": "trial", "procedure": procedure} if procedure else {}
 
 
 def ledger_report(args, run) -> dict:
