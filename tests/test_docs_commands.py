@@ -283,6 +283,14 @@ def parse_audit(argv):
     train_clm.parse_args([*own, *passed_on])
 
 
+def parse_tune(argv):
+    import train_clm
+    from scripts import tune
+
+    args = tune.parse_args(argv)  # its own options, then what goes to every trial
+    train_clm.parse_args([*args.trial_args, "--output_dir", "trial"])
+
+
 def parse_no_arguments(module):
     def parse(argv):
         assert not argv, f"python -m {module} takes no arguments"
@@ -306,6 +314,8 @@ PARSERS = {
     "scripts.prepare_pubmed": module_parser("scripts.prepare_pubmed"),
     "scripts.sharded_memory": module_parser("scripts.sharded_memory"),
     "scripts.audit_privacy": parse_audit,
+    "scripts.tune": parse_tune,
+    "scripts.recipe_sweep": module_parser("scripts.recipe_sweep"),
     "scripts.prepare_model": lambda argv: parsed_by_main(
         importlib.import_module("scripts.prepare_model").main, argv, "prepare_model"
     ),
