@@ -283,6 +283,7 @@ def check_end_to_end(args, notes):
         insecure_dp_seed=7, learning_rate=1e-2, lr_scheduler_type="constant",
     )  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="4", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    env["DP_LEDGER_DIR"] = os.path.join(folder, "ledger")  # its random data's own privacy ledger
     fsdp_out, plain_out = os.path.join(folder, "fsdp"), os.path.join(folder, "plain")
     train_clm = os.path.join(ROOT, "train_clm.py")
     launcher = cli_flags(num_processes=1, main_process_port=free_port())

@@ -162,7 +162,10 @@ def worker_command(model, data, out, processes, fsdp, **options):
 def worker_env(reports, threads, **extra):
     """The environment of a worker run: its reports to the folder `reports`, `threads` OpenMP threads, offline."""
     offline = dict(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, **offline, **extra)
+    # the measurement's random data set keeps its own privacy ledger, beside its runs
+    ledger = dict(DP_LEDGER_DIR=os.path.join(os.path.dirname(os.path.abspath(reports)), "ledger"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), SHARDED_MEMORY_REPORT=reports, **offline, **ledger)
+    return {**env, **extra}
 
 
 def launch(model, data, out, processes, fsdp, threads, extra_env=None):
