@@ -6,9 +6,9 @@
         --clip_norm 1 --noise_multiplier 1.2 --num_train_epochs 5 --learning_rate 3e-4
 
 The script reads top to bottom: arguments, setup (data, model, privacy plan, optimizer, resume),
-the training loop, saving. Every privacy decision lives in utils/: utils/privacy.py (the plan:
+the training loop, saving. Every privacy decision lives in utils/: utils/privacy/plan.py (the plan:
 noise, accountant, budget, report), utils/dp_utils.py (per-example gradients, clipping, noise),
-utils/sampling.py (which records each step uses); docs/DESIGN.md lists the rules and their tests.
+utils/privacy/sampling.py (which records each step uses); docs/DESIGN.md lists the rules and their tests.
 """
 
 import argparse
@@ -37,17 +37,16 @@ from utils.data_utils import Collator, check_disjoint, load_raw_datasets, privac
 from utils.dist_utils import on_main_process
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
-from utils.fsdp_utils import assert_replicas_agree
 from utils.io_utils import publish_outputs, write_json
-from utils.ledger import PrivacyLedger, ledger_line, new_id
 from utils.lora_utils import save_adapter
-from utils.model_setup import build_model
-from utils.model_utils import access_token, load_tokenizer, uniform_guess_loss
-from utils.privacy import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
-from utils.run_ledger import admit_to_ledger, ledger_report
-from utils.sampling import UnitPoissonSampler, make_sampler
+from utils.model.fsdp_utils import assert_replicas_agree
+from utils.model.model_utils import access_token, build_model, load_tokenizer, uniform_guess_loss
+from utils.privacy.ledger import PrivacyLedger, ledger_line, new_id
+from utils.privacy.plan import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
+from utils.privacy.run_ledger import admit_to_ledger, ledger_report
+from utils.privacy.sampling import UnitPoissonSampler, make_sampler
+from utils.privacy.validation import evaluate_private, private_validation
 from utils.train_utils import StepLog, build_optimizer, evaluate, tracker_config, train_logical_step
-from utils.validation import evaluate_private, private_validation
 
 
 def parse_args(argv=None):

@@ -46,9 +46,9 @@ from scripts.audit_release import release_audit
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_utils import per_record_loss
-from utils.ledger import LEDGER_ENV
 from utils.lora_utils import load_adapter
-from utils.model_utils import load_model, load_tokenizer
+from utils.model.model_utils import load_model, load_tokenizer
+from utils.privacy.ledger import LEDGER_ENV
 from utils.tiny_models import build_tiny_model, local_sentences
 
 TINY_TARGETS = "q_proj,k_proj,v_proj,o_proj,lm_head"  # a random model's output layer must adapt to memorise

@@ -30,7 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train_clm
 from utils.lora_utils import load_adapter
-from utils.model_utils import load_model, load_tokenizer
+from utils.model.model_utils import load_model, load_tokenizer
 from utils.tiny_models import local_sentences
 
 PRETRAIN_STEPS = 150

@@ -35,9 +35,9 @@ import torch
 
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
-from utils.lora_utils import add_lora, randomise_lora_b
-from utils.memory_model import Shape
-from utils.tiny_models import random_llama
+from utils.lora_utils import add_lora
+from utils.model.memory_model import Shape
+from utils.tiny_models import random_llama, randomise_lora_b
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

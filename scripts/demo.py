@@ -355,7 +355,7 @@ def plot(path, dp_log, report, base_loss, dp_loss, nonprivate=None):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from utils.accounting import compute_epsilon
+    from utils.privacy.accounting import compute_epsilon
 
     fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.8))
     steps = [r["step"] for r in dp_log]

@@ -36,7 +36,7 @@ import torch
 from utils.cli import DefaultsHelpFormatter, UserInputError, run_cli
 from utils.data_utils import DEFAULT_PUBMED_DIR, load_pubmed, load_records_file
 from utils.io_utils import publish_outputs, write_json, write_text
-from utils.synthetic_report import plot_report, report_table, worst_examples
+from utils.synthetic.synthetic_report import plot_report, report_table, worst_examples
 
 MEASURES = ("utility", "fidelity", "memorisation")
 REAL = "real"
@@ -184,7 +184,7 @@ def tokenize(tokenizer, texts, cut=None):
 
 
 def measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log):
-    from utils.memorisation import HashedRecords, Hasher, longest_shared_spans, span_summary
+    from utils.synthetic.memorisation import HashedRecords, Hasher, longest_shared_spans, span_summary
 
     start = time.time()
     train_tokens = tokenize(tokenizer, train_texts)
@@ -207,8 +207,8 @@ def measure_memorisation(tokens, test_tokens, train_texts, tokenizer, args, log)
 
 
 def measure_fidelity(tokens, test_tokens, tokenizer, args, log):
-    from utils.fidelity import distinct_n, hidden_state_features, length_stats, mauve_scores
-    from utils.model_utils import load_model
+    from utils.model.model_utils import load_model
+    from utils.synthetic.fidelity import distinct_n, hidden_state_features, length_stats, mauve_scores
 
     start = time.time()
     model = load_model(args.model_name_or_path).eval()
@@ -233,7 +233,7 @@ def measure_fidelity(tokens, test_tokens, tokenizer, args, log):
 
 
 def measure_utility(tokens, test_tokens, args, log):
-    from utils.downstream import DownstreamConfig, downstream_utility
+    from utils.synthetic.downstream import DownstreamConfig, downstream_utility
 
     start = time.time()
     config = DownstreamConfig(block_size=args.max_tokens + 1)
@@ -284,7 +284,7 @@ def privacy_note(measures):
 
 
 def evaluate(args, log=print):
-    from utils.model_utils import load_tokenizer
+    from utils.model.model_utils import load_tokenizer
 
     if args.model_name_or_path is None:
         from scripts.prepare_model import is_complete, smollm2_dir

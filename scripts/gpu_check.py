@@ -8,13 +8,13 @@ Sections (each reports PASS/FAIL and its figures; one failing does not stop the 
                  on a bf16 base (and float32 for reference), on a 2-layer model of the 7B width;
   2. throughput  bf16 training steps of a random Llama with the Llama-2-7B shape (32 layers, hidden
                  4096, vocab 32000; --layers to shrink): tokens/s and peak memory, non-private vs DP;
-  3. fsdp        the same model wrapped by utils.fsdp_utils.shard_frozen_base in a one-process group
+  3. fsdp        the same model wrapped by utils.model.fsdp_utils.shard_frozen_base in a one-process group
                  (the function multi-GPU runs use): base weights become DTensors, LoRA weights stay
                  plain; the DP gradient of a fixed batch equals the unwrapped one; DP tokens/s;
   4. end_to_end  train_clm.py through accelerate_configs/accelerate_config.cfg (FSDP, bf16, one
                  process) vs a plain one-process bf16 run: same adapter;
   5. sharded     sharded loading: peak GPU and host memory of one process, base sharded vs whole,
-                 against utils.memory_model (scripts/gpu_check_large.py; --large_layers layers of
+                 against utils.model.memory_model (scripts/gpu_check_large.py; --large_layers layers of
                  the 7B width saved to disk);
   6. qlora       the same checkpoint in 4 bits: per-example gradient exactness with float32 LoRA,
                  DP vs non-private tokens/s (SKIPPED without bitsandbytes).
@@ -39,9 +39,10 @@ from utils.cli import cli_flags
 from utils.dist_utils import accelerate_launch_command, free_port
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
-from utils.fsdp_utils import shard_frozen_base, shard_summary
-from utils.lora_utils import add_lora, randomise_lora_b
-from utils.memory_model import LLAMA_2, Shape
+from utils.lora_utils import add_lora
+from utils.model.fsdp_utils import shard_frozen_base, shard_summary
+from utils.model.memory_model import LLAMA_2, Shape
+from utils.tiny_models import randomise_lora_b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,9 +8,9 @@
 # What it checks (scripts/gpu_check.py, scripts/gpu_check_large.py): per-example gradient exactness
 # on the GPU in bf16 against one-record backward passes; bf16 DP and non-private training steps of a
 # random Llama with the Llama-2-7B shape (tokens/s, peak memory); the FSDP wrapping of
-# utils/fsdp_utils.py with one process (base sharded as DTensors, LoRA plain, same DP gradient);
+# utils/model/fsdp_utils.py with one process (base sharded as DTensors, LoRA plain, same DP gradient);
 # sharded loading (train_clm.py --fsdp under torchrun) vs the whole base: peak GPU and host memory
-# against utils/memory_model.py, on 8 layers of the 7B width saved to disk; the same checkpoint in
+# against utils/model/memory_model.py, on 8 layers of the 7B width saved to disk; the same checkpoint in
 # 4 bits (bitsandbytes NF4): per-example gradient exactness with float32 LoRA, DP vs non-private
 # tokens/s; train_clm.py through accelerate_configs/accelerate_config.cfg (FSDP, bf16) against a
 # plain run. Nothing else in the project depends on a GPU: CI runs the CPU tests only.

@@ -2,7 +2,7 @@
 loading, 4-bit bases, memory model), on a random Llama of the 7B width saved to disk:
 
   sharded  train_clm.py under torchrun with --fsdp (sharded loading) vs the whole base, bf16:
-           peak GPU memory and peak host memory per process, against utils.memory_model;
+           peak GPU memory and peak host memory per process, against utils.model.memory_model;
   qlora    the same checkpoint loaded in 4 bits (--load_in_4bit's loader): per-example LoRA
            gradients against autograd of each record's own loss in the same batch, float32
            LoRA on the NF4 base; DP vs non-private tokens/s and peak memory.
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from utils.memory_model import predict, shape_of
+from utils.model.memory_model import predict, shape_of
 
 
 class Skip(Exception):
@@ -103,7 +103,7 @@ def check_qlora(args, notes):
     from scripts.gpu_check import lora, make_batch, same_batch_exactness, time_variant
     from utils.dp_randomness import DPRandomness
     from utils.dp_utils import DPGradient
-    from utils.model_utils import load_model_4bit
+    from utils.model.model_utils import load_model_4bit
 
     start = time.perf_counter()
     dtype = "bf16" if args.device.type == "cuda" else "no"

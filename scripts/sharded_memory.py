@@ -1,5 +1,5 @@
 """Peak memory per process of train_clm.py with the base whole, and sharded over 1, 2 and 4
-processes (sharded loading, utils/sharded_loading.py), on a random Llama of about 1B parameters;
+processes (sharded loading, utils/model/sharded_loading.py), on a random Llama of about 1B parameters;
 the adapters of the runs compared; the memory model's predictions beside the measurements.
 
     python -m scripts.sharded_memory build --output models/random-llama-1.1b   # once, 4.4 GB on disk
@@ -29,7 +29,7 @@ import torch
 
 from utils.cli import cli_flags
 from utils.dist_utils import torchrun_command
-from utils.memory_model import Shape
+from utils.model.memory_model import Shape
 from utils.tiny_models import build_tiny_model, local_sentences, random_llama, train_tokenizer
 
 SHAPE_1B = Shape(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4).llama_config()
@@ -39,7 +39,7 @@ TRAIN_ARGS = [
     *cli_flags(lr_scheduler_type="constant", lora_r=16, lora_alpha=16),
 ]
 LOGICAL_BATCH = 4
-# utils.memory_model's terms for a run with TRAIN_ARGS on a float32 base, whole batches of LOGICAL_BATCH records
+# utils.model.memory_model's terms for a run with TRAIN_ARGS on a float32 base, whole batches of LOGICAL_BATCH records
 PREDICT_OPTIONS = dict(
     base_dtype="float32", compute_bytes=4, micro_batch=LOGICAL_BATCH, block_size=64, lora_r=16, gradient_ckpt=False
 )
@@ -109,17 +109,17 @@ def worker(argv):
     import torch.distributed as dist
 
     import train_clm
-    import utils.model_setup as model_setup
+    import utils.model.model_utils as model_utils
 
     loaded = {}
-    real_load = model_setup.load_local_shards
+    real_load = model_utils.load_local_shards
 
     def load_and_note_peak(*args, **kwargs):  # the peak through sharded loading, before any training
         result = real_load(*args, **kwargs)
         loaded.update(result, peak_rss_after_loading_bytes=peaks()["peak_rss_bytes"])
         return result
 
-    model_setup.load_local_shards = load_and_note_peak
+    model_utils.load_local_shards = load_and_note_peak
     train_clm.main(argv)
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **peaks(), **loaded}
@@ -194,7 +194,7 @@ def adapter_difference(a_dir, b_dir):
 def predictions(model, fixed_bytes):
     from transformers import AutoConfig
 
-    from utils.memory_model import predict, shape_of
+    from utils.model.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(model))
     options = dict(PREDICT_OPTIONS, fixed_bytes=fixed_bytes)
@@ -253,7 +253,7 @@ def predict_tiny_model(folder):
     to leave the fixed cost."""
     from transformers import AutoConfig
 
-    from utils.memory_model import predict, shape_of
+    from utils.model.memory_model import predict, shape_of
 
     shape = shape_of(AutoConfig.from_pretrained(folder))
     return predict(shape, 1, fsdp=False, **PREDICT_OPTIONS)["total"]

@@ -38,14 +38,14 @@ import shutil
 import tempfile
 
 import train_clm
-from utils.accounting import composed_epsilon, compute_epsilon_rdp
 from utils.cli import UserInputError, cli_flags, run_cli
 from utils.data_utils import load_raw_datasets, privacy_units, unit_keys
 from utils.io_utils import write_json
-from utils.ledger import PrivacyLedger, Session, new_id
-from utils.privacy import make_privacy_plan
-from utils.sampling import UnitPoissonSampler, make_sampler
-from utils.validation import planned_evaluations
+from utils.privacy.accounting import composed_epsilon, compute_epsilon_rdp
+from utils.privacy.ledger import PrivacyLedger, Session, new_id
+from utils.privacy.plan import make_privacy_plan
+from utils.privacy.sampling import UnitPoissonSampler, make_sampler
+from utils.privacy.validation import planned_evaluations
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # settings a trial may draw: none of them changes the sampling rate, the steps or the noise

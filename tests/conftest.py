@@ -1,49 +1,15 @@
 """Fixtures: tiny random Llama and GPT-2 models with a tokenizer trained here on local text."""
 
-import json
 import os
-import subprocess
 
 import pytest
 
-from utils.cli import cli_flags  # noqa: F401 (for the tests)
-from utils.dist_utils import accelerate_launch_command, free_port, torchrun_command  # noqa: F401 (for the tests)
-from utils.tiny_models import build_tiny_model, local_sentences  # noqa: F401 (for the tests)
+from utils.tiny_models import build_tiny_model, local_sentences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def train_args(model, data, out, **options):
-    """train_clm.py's arguments for a run of `model` on `data` into `out`; options as in cli_flags."""
-    return cli_flags(train_file=data, model_name_or_path=model, output_dir=str(out), **options)
-
-
-def process_env(threads=1, **extra):
-    """The environment of a launched test process: offline, `threads` OpenMP threads, and no
-    ACCELERATE_USE_CPU left over, so that the launch configs alone decide the processes."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", **extra)
-    env["HF_HUB_OFFLINE"] = "1"
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def run_ok(cmd, env, timeout=300):
-    """Run a command from the repository root; fail the test with its output unless it exits 0."""
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def relative_difference(a, b, select=""):
-    """||a - b|| / ||a|| over the tensors of two state dicts whose names contain `select`."""
-    keys = [k for k in a if select in k]
-    assert keys and set(a) == set(b)
-    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
-    den = sum((a[k].double() ** 2).sum() for k in keys)
-    return float((num / den).sqrt())
 
 
 @pytest.fixture(scope="session")
@@ -65,17 +31,6 @@ def prepared_model(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
     prepare_model.main(["--output_dir", folder])
     return folder
-
-
-def write_records(path, records, jsonl=False):
-    """records: list of (instruction, answer)."""
-    with open(path, "w") as f:
-        if jsonl:
-            for instruction, answer in records:
-                f.write(json.dumps({"instruction": instruction, "answer": answer}) + "\n")
-        else:
-            json.dump({"instruction": [r[0] for r in records], "answer": [r[1] for r in records]}, f)
-    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import train_clm  # noqa: E402
-import utils.model_setup as model_setup  # noqa: E402
-from utils.fsdp_utils import assert_replicas_agree, replica_checksum, shard_summary  # noqa: E402
+import utils.model.model_utils as model_utils  # noqa: E402
+from utils.model.fsdp_utils import assert_replicas_agree, replica_checksum, shard_summary  # noqa: E402
 
 captured = {}
-_real_shard = model_setup.shard_frozen_base
-_real_load = model_setup.load_local_shards
+_real_shard = model_utils.shard_frozen_base
+_real_load = model_utils.load_local_shards
 
 
 def _spy(model, *args, **kwargs):
@@ -65,8 +65,8 @@ def peak_rss_bytes():
 
 
 if __name__ == "__main__":
-    model_setup.shard_frozen_base = _spy
-    model_setup.load_local_shards = _load_spy
+    model_utils.shard_frozen_base = _spy
+    model_utils.load_local_shards = _load_spy
     train_clm.main(sys.argv[1:])
     rank = dist.get_rank()
     report = {

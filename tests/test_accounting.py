@@ -1,4 +1,4 @@
-"""utils/accounting.py against independent accountants (docs/DESIGN.md section 2, item 6).
+"""utils/privacy/accounting.py against independent accountants (docs/DESIGN.md section 2, item 6).
 
 prv_accountant (Gopi et al.) and Opacus' RDP and PRV accountants are separate implementations
 of the same Poisson-subsampled Gaussian; for q = 1 there is an exact closed form to compare with.
@@ -11,8 +11,8 @@ import warnings
 import pytest
 from scipy import optimize, stats
 
-from utils import accounting
-from utils.accounting import (
+from utils.privacy import accounting
+from utils.privacy.accounting import (
     ACCOUNTANT_NAME,
     PrivacyAccountant,
     check_delta,

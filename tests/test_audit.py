@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import cli_flags
+from helpers import cli_flags
 
 from scripts import audit_privacy as audit
 from scripts import audit_release

@@ -13,7 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, write_records
+from helpers import ROOT, write_records
 
 import train_clm
 from utils.cli import UserInputError

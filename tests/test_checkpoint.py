@@ -12,11 +12,11 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, train_args, write_records
+from helpers import ROOT, train_args, write_records
 from safetensors.torch import load_file
 
 import train_clm
-from utils.accounting import composed_epsilon, compute_epsilon
+from utils.privacy.accounting import composed_epsilon, compute_epsilon
 
 STEPS = 24
 

@@ -5,7 +5,7 @@ import sys
 
 import datasets
 import pytest
-from conftest import cli_flags, local_sentences, process_env, run_ok
+from helpers import cli_flags, local_sentences, process_env, run_ok
 
 
 def pubmed_like(texts, authors):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
+from helpers import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
 from safetensors.torch import load_file
 
 from utils.dist_utils import accelerate_launch_command, torchrun_command
@@ -123,7 +123,7 @@ def test_fsdp_flag_without_a_launcher_is_a_clear_error():
     from accelerate import Accelerator
 
     from utils.cli import UserInputError
-    from utils.fsdp_utils import fsdp_requested
+    from utils.model.fsdp_utils import fsdp_requested
 
     accelerator = Accelerator(cpu=True)
     assert not fsdp_requested(False, accelerator)
@@ -132,7 +132,7 @@ def test_fsdp_flag_without_a_launcher_is_a_clear_error():
 
 
 def test_replica_checksum_sees_one_ulp():
-    from utils.fsdp_utils import replica_checksum
+    from utils.model.fsdp_utils import replica_checksum
 
     params = [torch.randn(8, 4), torch.randn(3, 8)]
     before = replica_checksum(params)

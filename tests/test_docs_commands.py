@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 PROGRAMS = {"python", "accelerate", "torchrun", "make", "pip", "bash"}
@@ -323,7 +323,7 @@ PARSERS = {
     "scripts.gpu_check": lambda argv: parsed_by_main(
         importlib.import_module("scripts.gpu_check").main, argv, "gpu_check", from_sys_argv=True
     ),
-    "utils.memory_model": parse_no_arguments("utils.memory_model"),
+    "utils.model.memory_model": parse_no_arguments("utils.model.memory_model"),
     "pytest": parse_no_arguments("pytest"),
     "ruff": parse_no_arguments("ruff"),
 }
@@ -421,7 +421,7 @@ def pins():
 
 
 def check_pip(argv):
-    from utils.model_utils import BNB_VERSION
+    from utils.model.model_utils import BNB_VERSION
 
     assert argv and argv[0] == "install", f"pip {shlex.join(argv)}: only `pip install` is documented"
     known = {**pins(), "bitsandbytes": BNB_VERSION}

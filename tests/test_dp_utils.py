@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
-from utils.lora_utils import add_lora, randomise_lora_b
+from utils.lora_utils import add_lora
+from utils.tiny_models import randomise_lora_b
 
 RECORDS = [
     ("Q:", "a short answer"),

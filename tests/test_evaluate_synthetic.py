@@ -7,14 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_flags, local_sentences, process_env, run_ok, write_records
+from helpers import ROOT, brute_force_longest_span, cli_flags, local_sentences, process_env, run_ok, write_records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scripts import evaluate_synthetic
 from utils.cli import UserInputError
-from utils.downstream import DownstreamConfig, Vocabulary, evaluate, pack, train
-from utils.fidelity import distinct_n, hidden_state_features, mauve_scores
-from utils.memorisation import HashedRecords, Hasher, brute_force_longest_span, locate, longest_shared_spans
+from utils.synthetic.downstream import DownstreamConfig, Vocabulary, evaluate, pack, train
+from utils.synthetic.fidelity import distinct_n, hidden_state_features, mauve_scores
+from utils.synthetic.memorisation import HashedRecords, Hasher, locate, longest_shared_spans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

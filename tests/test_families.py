@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import train_args, write_records
+from helpers import train_args, write_records
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -26,7 +26,7 @@ from utils.lora_utils import (
     randomise_lora_b,
     save_adapter,
 )
-from utils.model_utils import disable_base_dropout
+from utils.model.model_utils import disable_base_dropout
 
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 GPT2_REGEX = r"transformer\.h\.\d+\.attn\.(c_attn|c_proj)"  # attn.c_proj, not mlp.c_proj

@@ -1,4 +1,4 @@
-"""Under FSDP on CPU the program sets glibc's mmap threshold itself (utils/fsdp_utils.py): freed
+"""Under FSDP on CPU the program sets glibc's mmap threshold itself (utils/model/fsdp_utils.py): freed
 gathered layers must leave the resident set, without users knowing MALLOC_MMAP_THRESHOLD_."""
 
 import os
@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, process_env
+from helpers import ROOT, process_env
 
 PROBE = """
 import gc, sys
 sys.path.insert(0, sys.argv[1])
-from utils.fsdp_utils import return_freed_memory_at_once
+from utils.model.fsdp_utils import return_freed_memory_at_once
 
 def rss_mib():
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))

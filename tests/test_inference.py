@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from conftest import ROOT, cli_flags, free_port, process_env, run_ok, train_args, write_records
+from helpers import ROOT, cli_flags, free_port, process_env, run_ok, train_args, write_records
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -122,7 +122,7 @@ def test_trained_adapter_loads_in_peft_with_every_tensor_matched(trained, tiny_l
 
 
 def encode_prompt_ids(model_dir):
-    from utils.model_utils import load_tokenizer
+    from utils.model.model_utils import load_tokenizer
 
     return encode_prompt(load_tokenizer(model_dir), "What is a tuple? A tuple is an immutable sequence")
 

@@ -1,4 +1,4 @@
-"""The privacy ledger (utils/ledger.py): keyed per privacy unit, composed for the worst-off unit,
+"""The privacy ledger (utils/privacy/ledger.py): keyed per privacy unit, composed for the worst-off unit,
 durable through torn writes, never silently replaced, and a budget that concurrent runs cannot both
 pass (docs/DESIGN.md 2.14)."""
 
@@ -9,15 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, process_env, train_args, write_records
+from helpers import ROOT, process_env, train_args, write_records
 from prv_accountant import PRVAccountant
 from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
 
 import train_clm
-from utils.accounting import FILTER_ORDERS, composed_epsilon, within_renyi_filter
 from utils.cli import UserInputError
 from utils.data_utils import load_records_file, unit_keys
-from utils.ledger import PrivacyLedger, Session, new_id
+from utils.privacy.accounting import FILTER_ORDERS, composed_epsilon, within_renyi_filter
+from utils.privacy.ledger import PrivacyLedger, Session, new_id
 
 
 def session(ledger, units, q=0.125, sigma=1.0, planned=10, budget=None, parent=None, run=None):
@@ -162,7 +162,7 @@ def test_a_budget_admits_only_what_fits_running_runs_included(tmp_path):
     # a crashed run's reservation lapses too (its lock dies with it), its steps stay
     crash = (
         "import sys; sys.path.insert(0, sys.argv[1]); import os\n"
-        "from utils.ledger import PrivacyLedger, Session, new_id\n"
+        "from utils.privacy.ledger import PrivacyLedger, Session, new_id\n"
         "ledger = PrivacyLedger(sys.argv[2])\n"
         "units = ledger.unit_hashes([f'unit {i}'.encode() for i in range(32)])\n"
         "admitted = ledger.admit(Session(new_id(), new_id(), None, '/r', False, 1.0, 10.0, 'add_remove', 2), units)\n"

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from utils.lora_utils import ADAPTER_BIN, add_lora, load_adapter, parse_target_modules, randomise_lora_b, save_adapter
+from utils.lora_utils import ADAPTER_BIN, add_lora, load_adapter, parse_target_modules, save_adapter
+from utils.tiny_models import randomise_lora_b
 
 
 def lora_state(model):

@@ -1,15 +1,15 @@
-"""utils/memory_model.py: parameter counts as the real models have them, the terms behave as the
+"""utils/model/memory_model.py: parameter counts as the real models have them, the terms behave as the
 sharding says, and the memory table of docs/distributed.md is the function's output (measured
 check: docs/performance.md, sharded loading and the memory model)."""
 
 import os
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_parameter_counts_are_the_published_ones():
-    from utils.memory_model import LLAMA_2, parameter_counts
+    from utils.model.memory_model import LLAMA_2, parameter_counts
 
     assert parameter_counts(LLAMA_2["Llama 2 7B"])["total"] == 6_738_415_616
     assert parameter_counts(LLAMA_2["Llama 2 13B"])["total"] == 13_015_864_320
@@ -21,7 +21,7 @@ def test_counts_match_a_built_model_and_peft(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from utils.lora_utils import add_lora
-    from utils.memory_model import lora_parameter_count, parameter_counts, shape_of
+    from utils.model.memory_model import lora_parameter_count, parameter_counts, shape_of
 
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
     config = LlamaConfig(**sizes, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied)
@@ -33,7 +33,7 @@ def test_counts_match_a_built_model_and_peft(tied):
 
 
 def test_terms_follow_the_sharding():
-    from utils.memory_model import LLAMA_2, predict
+    from utils.model.memory_model import LLAMA_2, predict
 
     shape = LLAMA_2["Llama 2 70B"]
     one, eight = predict(shape, 1), predict(shape, 8)
@@ -51,18 +51,18 @@ def test_terms_follow_the_sharding():
 
 
 def test_docs_table_is_the_function_output():
-    from utils.memory_model import readme_table
+    from utils.model.memory_model import readme_table
 
     with open(os.path.join(ROOT, "docs", "distributed.md")) as f:
         page = f.read()
     section = page[page.index("## Memory per GPU") :]
-    assert readme_table() in section, "docs/distributed.md memory table out of date: python -m utils.memory_model"
+    assert readme_table() in section, "docs/distributed.md memory table out of date: python -m utils.model.memory_model"
 
 
 def test_shape_of_a_transformers_config():
     from transformers import LlamaConfig
 
-    from utils.memory_model import Shape, shape_of
+    from utils.model.memory_model import Shape, shape_of
 
     sizes = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80)
     config = LlamaConfig(**sizes, num_attention_heads=64, num_key_value_heads=8)

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import train_args, write_records
+from helpers import train_args, write_records
 from prv_accountant import Accountant
 
 import train_clm
-from utils import privacy
+from utils.privacy import plan as privacy
 
 
 def run(model, data, out, *extra):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import train_args, write_records
+from helpers import train_args, write_records
 
 NO_BNB = "bitsandbytes is not installed (optional: pip install bitsandbytes==0.50.2); its CPU backend runs these"
 
@@ -31,7 +31,7 @@ def test_4bit_base_with_float32_lora_gives_exact_per_example_gradients(tiny_llam
 
     from scripts.gpu_check import make_batch, same_batch_exactness
     from utils.lora_utils import add_lora
-    from utils.model_utils import load_model_4bit
+    from utils.model.model_utils import load_model_4bit
 
     model = add_lora(load_model_4bit(tiny_llama, "no", device="cpu"), 8, 8, seed=0)
     quantised = [m for m in model.modules() if isinstance(m, Linear4bit)]
@@ -54,7 +54,7 @@ def test_an_evaluation_forward_leaves_training_gradients_as_they_were(tiny_llama
     """bitsandbytes 0.50.2 repacks NF4 weights for a CPU kernel without backward at the first eval
     forward (AVX512-bf16 CPUs): gradients through the base would then vanish without an error."""
     from utils.lora_utils import add_lora
-    from utils.model_utils import load_model_4bit
+    from utils.model.model_utils import load_model_4bit
 
     model = add_lora(load_model_4bit(tiny_llama, "no", device="cpu"), 4, 4, seed=0)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it(tiny_llama, monke
     from accelerate import Accelerator
 
     from utils.cli import UserInputError
-    from utils.model_setup import build_model
+    from utils.model.model_utils import build_model
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(UserInputError, match=r"--load_in_4bit needs bitsandbytes: pip install bitsandbytes==") as err:
@@ -125,7 +125,7 @@ def test_a_backend_that_cannot_run_4bit_is_a_clear_error(monkeypatch):
     import bitsandbytes
 
     from utils.cli import UserInputError
-    from utils.model_utils import check_4bit_backend
+    from utils.model.model_utils import check_4bit_backend
 
     def broken(*args, **kwargs):
         raise NotImplementedError("no kernel for this device\nsecond line")
@@ -138,9 +138,9 @@ def test_a_backend_that_cannot_run_4bit_is_a_clear_error(monkeypatch):
 def test_4bit_with_fsdp_is_refused(tiny_llama, monkeypatch):
     from accelerate import Accelerator
 
-    import utils.model_setup as model_setup
+    import utils.model.model_utils as model_utils
     from utils.cli import UserInputError
 
-    monkeypatch.setattr(model_setup, "fsdp_requested", lambda flag, accelerator: True)
+    monkeypatch.setattr(model_utils, "fsdp_requested", lambda flag, accelerator: True)
     with pytest.raises(UserInputError, match="--load_in_4bit with FSDP.*accelerate_config_nofsdp.cfg"):
-        model_setup.build_model(_args(model_name_or_path=tiny_llama, fsdp=True), Accelerator(cpu=True), None)
+        model_utils.build_model(_args(model_name_or_path=tiny_llama, fsdp=True), Accelerator(cpu=True), None)

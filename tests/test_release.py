@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import train_args, write_records
+from helpers import train_args, write_records
 
 import train_clm
 from utils.cli import UserInputError

@@ -6,7 +6,7 @@ import torch
 from test_dp_utils import RECORDS, batch_of, flat, lora_model, run_step
 
 from utils.dp_randomness import DPRandomness
-from utils.sampling import PoissonSampler, make_sampler
+from utils.privacy.sampling import PoissonSampler, make_sampler
 
 
 def samplers(n, per_device, accumulation, processes, seed=7, sampling="poisson"):

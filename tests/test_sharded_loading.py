@@ -1,4 +1,4 @@
-"""Sharded loading (utils/sharded_loading.py, docs/DESIGN.md 2.9): under FSDP the base is built on
+"""Sharded loading (utils/model/sharded_loading.py, docs/DESIGN.md 2.9): under FSDP the base is built on
 the meta device and every process reads only its own shards from the safetensors files; the
 adapter equals the unsharded run's, the LoRA initialisation is the same on every process, broken
 checkpoints are refused in one line naming the file. Also the two-machine FSDP config, run as two
@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
+from helpers import ROOT, cli_flags, process_env, relative_difference, run_ok, write_records
 
 from utils.dist_utils import accelerate_launch_command, free_port, torchrun_command
 
@@ -84,8 +84,8 @@ def two_process_args(setup, out, **options):
 def _unsharded_lora_checksum(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from utils.fsdp_utils import replica_checksum
     from utils.lora_utils import add_lora
+    from utils.model.fsdp_utils import replica_checksum
 
     model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir), 16, 16, seed=5)
     return replica_checksum([p for p in model.parameters() if p.requires_grad]).tolist()
@@ -209,7 +209,7 @@ def _stale_index(folder, shard, index):
 )
 def test_broken_checkpoint_is_refused_naming_the_shard(checkpoint, tmp_path, damage, message):
     from utils.cli import UserInputError
-    from utils.sharded_loading import empty_model
+    from utils.model.sharded_loading import empty_model
 
     folder, shard, name = _broken(checkpoint, tmp_path, damage)
     with pytest.raises(UserInputError, match=message) as err:
@@ -234,7 +234,7 @@ def test_broken_shard_under_torchrun_exits_2_with_one_line(checkpoint, tmp_path)
 
 def test_bin_only_checkpoint_is_refused(tiny_llama, tmp_path):
     from utils.cli import UserInputError
-    from utils.sharded_loading import open_checkpoint
+    from utils.model.sharded_loading import open_checkpoint
 
     with pytest.raises(UserInputError, match="safetensors checkpoints only"):
         open_checkpoint(str(tmp_path))
@@ -244,7 +244,7 @@ def test_stand_ins_leave_the_meta_model_as_it_was(checkpoint):
     """LoRA added through the CPU stand-ins: base weights back on meta and frozen, tied weights
     still tied, adapters real and float32 (as on a bf16 model loaded for real)."""
     from utils.lora_utils import add_lora
-    from utils.sharded_loading import cpu_stand_ins, empty_model
+    from utils.model.sharded_loading import cpu_stand_ins, empty_model
 
     model, _ = empty_model(checkpoint["model"], torch.bfloat16)
     model.config.tie_word_embeddings = True
@@ -262,8 +262,8 @@ def test_stand_ins_leave_the_meta_model_as_it_was(checkpoint):
 def test_tied_embeddings_stay_tied_on_the_meta_device(tiny_gpt2):
     """GPT-2 ties its output layer to the input embeddings and saves the matrix once: the meta
     model must share the one parameter, or the checkpoint would lack lm_head.weight."""
-    from utils.fsdp_utils import _own_groups
-    from utils.sharded_loading import empty_model
+    from utils.model.fsdp_utils import _own_groups
+    from utils.model.sharded_loading import empty_model
 
     model, entries = empty_model(tiny_gpt2, torch.float32)
     assert model.lm_head.weight is model.transformer.wte.weight and "lm_head.weight" not in entries

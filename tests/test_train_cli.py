@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_flags, process_env, run_ok, train_args, write_records
+from helpers import ROOT, cli_flags, process_env, run_ok, train_args, write_records
 from safetensors.torch import load_file
 
 import train_clm

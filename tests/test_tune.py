@@ -9,14 +9,14 @@ import random
 import statistics
 
 import pytest
-from conftest import cli_flags, train_args, write_records
+from helpers import cli_flags, train_args, write_records
 from scipy.stats import norm
 
 import train_clm
 from scripts import tune
-from utils.accounting import composed_epsilon, compute_epsilon, compute_epsilon_rdp
 from utils.cli import UserInputError
-from utils.ledger import PrivacyLedger
+from utils.privacy.accounting import composed_epsilon, compute_epsilon, compute_epsilon_rdp
+from utils.privacy.ledger import PrivacyLedger
 
 
 def papernot_steinke(sigma, steps, mean, delta):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_flags, process_env, relative_difference, run_ok, torchrun_command, train_args
+from helpers import ROOT, cli_flags, process_env, relative_difference, run_ok, torchrun_command, train_args
 from prv_accountant import Accountant
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer

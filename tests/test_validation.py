@@ -1,4 +1,4 @@
-"""The private validation loss (utils/validation.py, docs/DESIGN.md 2.15): each validation unit's
+"""The private validation loss (utils/privacy/validation.py, docs/DESIGN.md 2.15): each validation unit's
 mean loss clipped to [0, L], summed, one Gaussian draw of sigma_v L, over the number of units V;
 each evaluation on the ledger under the validation units and composed into validation_epsilon."""
 
@@ -7,15 +7,15 @@ import statistics
 
 import pytest
 import torch
-from conftest import train_args
+from helpers import train_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_clm
-from utils.accounting import compute_epsilon
 from utils.cli import UserInputError
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import per_record_loss
+from utils.privacy.accounting import compute_epsilon
 
 VALIDATION = {"ann": ["a short sentence", "another one, a little longer"], "bob": ["three"], "cid": ["four, five"]}
 

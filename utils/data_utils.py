@@ -1,4 +1,4 @@
-"""Data: instruction/answer records, prompt format, label masking, collator (samplers: utils/sampling.py).
+"""Data: instruction/answer records, prompt format, label masking, collator (samplers: utils/privacy/sampling.py).
 
 Privacy unit = one record = one sequence (docs/DESIGN.md 2.1): records are never packed together.
 """

@@ -33,7 +33,7 @@ from utils.cli import UserInputError
 from utils.data_utils import encode_prompt
 from utils.io_utils import write_json, write_text
 from utils.lora_utils import load_adapter
-from utils.model_utils import access_token, context_length, load_model, load_tokenizer
+from utils.model.model_utils import access_token, context_length, load_model, load_tokenizer
 
 OUTPUT_FILE = "generations.jsonl"
 RUN_FILE = "generation_run.json"

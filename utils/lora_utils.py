@@ -129,17 +129,6 @@ def add_lora(
     return peft_model
 
 
-def randomise_lora_b(model: nn.Module, std: float = 0.5, seed: int = 1) -> nn.Module:
-    """LoRA B starts at zero, which makes every A gradient zero and the adapter a no-op: tests,
-    benchmarks and checks draw it at random, from a generator of its own."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
-    return model
-
-
 def lora_summary(model: nn.Module) -> str:
     """'LoRA on 8 layers (self_attn.q_proj x2, ...): 4,096 trainable parameters'."""
     layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]

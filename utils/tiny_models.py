@@ -1,5 +1,5 @@
 """Tiny random causal LMs with a tokenizer trained in a second on local text: for tests, the
-privacy audit and CPU benchmarks (no model hub, no network)."""
+privacy audit and CPU benchmarks (no model hub, no network); LoRA B drawn at random for them."""
 
 import pydoc
 
@@ -93,3 +93,14 @@ def build_tiny_model(folder: str, kind: str = "llama", dtype: torch.dtype = torc
             model = GPT2LMHeadModel(config)
     model.to(dtype).save_pretrained(folder)
     return folder
+
+
+def randomise_lora_b(model: torch.nn.Module, std: float = 0.5, seed: int = 1) -> torch.nn.Module:
+    """LoRA B starts at zero, which makes every A gradient zero and the adapter a no-op: tests,
+    benchmarks and checks draw it at random, from a generator of its own."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
+    return model

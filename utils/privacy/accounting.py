@@ -313,7 +313,7 @@ class PrivacyAccountant:
 
 
 # ----------------------------------------------------------------------------------------------
-# Composing a privacy ledger (utils/ledger.py): many runs, each its own (q, sigma), on one unit
+# Composing a privacy ledger (utils/privacy/ledger.py): many runs, each its own (q, sigma), on one unit
 # ----------------------------------------------------------------------------------------------
 
 # A mechanism on the ledger: (sampling rate q, effective noise multiplier sigma) -> invocations; or

@@ -4,8 +4,8 @@ run touches any data, and the ledger's figures for its report. Process 0 alone c
 import dataclasses
 import os
 
-from utils.ledger import Session, new_id
-from utils.validation import planned_evaluations, validation_report
+from utils.privacy.ledger import Session, new_id
+from utils.privacy.validation import planned_evaluations, validation_report
 
 
 def admit_to_ledger(args, run, say=print) -> tuple[int, int]:

@@ -3,7 +3,7 @@ results table and the plot."""
 
 import numpy as np
 
-from utils.memorisation import locate
+from utils.synthetic.memorisation import locate
 
 THRESHOLDS = (8, 16, 32)
 CONTEXT = 12  # training tokens shown on each side of a copied span

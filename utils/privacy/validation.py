@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from utils.accounting import check_delta, compute_epsilon
 from utils.data_utils import privacy_units, unit_keys
 from utils.dist_utils import rank
+from utils.privacy.accounting import check_delta, compute_epsilon
 from utils.train_utils import all_reduce_sum, forward_losses, to_device
 
 

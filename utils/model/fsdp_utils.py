@@ -90,7 +90,7 @@ def shard_frozen_base(model, device, accelerator=None, layer_class_names=None):
 
     Needs an initialised process group (accelerate launch, torchrun). The model may sit on the CPU
     (FSDP moves one layer at a time to `device` and keeps this process's shard) or on the meta
-    device (utils/sharded_loading.py then allocates and reads the shards). Returns the model."""
+    device (utils/model/sharded_loading.py then allocates and reads the shards). Returns the model."""
     if not distributed():
         raise RuntimeError("FSDP needs a process group: start the script with `accelerate launch` or `torchrun`")
     from torch.distributed.device_mesh import init_device_mesh

@@ -16,7 +16,8 @@ import argparse
 import dataclasses
 import math
 
-from utils.accounting import (
+from utils.cli import UserInputError
+from utils.privacy.accounting import (
     ACCOUNTANTS,
     NEIGHBORING_RELATIONS,
     PrivacyAccountant,
@@ -25,9 +26,8 @@ from utils.accounting import (
     effective_noise_multiplier,
     noise_multiplier_for_epsilon,
 )
-from utils.cli import UserInputError
-from utils.ledger import LEDGER_ENV
-from utils.sampling import SAMPLERS
+from utils.privacy.ledger import LEDGER_ENV
+from utils.privacy.sampling import SAMPLERS
 
 # sigma_loss / sigma. Releasing the loss beside the gradient lowers the effective noise multiplier
 # to sigma / sqrt(1 + ratio^-2); for the same epsilon the gradient's own noise must grow by that

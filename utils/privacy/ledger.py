@@ -33,8 +33,8 @@ from collections import Counter
 import platformdirs
 from filelock import FileLock, Timeout
 
-from utils.accounting import composed_epsilon, mechanism_steps, within_renyi_filter
 from utils.cli import UserInputError
+from utils.privacy.accounting import composed_epsilon, mechanism_steps, within_renyi_filter
 
 LEDGER_ENV = "DP_LEDGER_DIR"
 FORMAT = 1

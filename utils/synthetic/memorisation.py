@@ -126,20 +126,6 @@ def locate(span, corpus):
     return record, int(candidates[0] - corpus.starts[record])
 
 
-def brute_force_longest_span(query, records):
-    """The same answer as longest_shared_spans for one query, by comparing every pair of positions:
-    the reference the fast scan is tested against."""
-    best = 0
-    for record in records:
-        for i in range(len(query)):
-            for j in range(len(record)):
-                k = 0
-                while i + k < len(query) and j + k < len(record) and query[i + k] == record[j + k]:
-                    k += 1
-                best = max(best, k)
-    return best
-
-
 def span_summary(lengths, thresholds=(8, 16, 32)):
     """Distribution of the longest shared span over a set's records (tokens)."""
     lengths = np.asarray(lengths)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from utils.memory_model import Shape
+from utils.model.memory_model import Shape
 from utils.tiny_models import random_llama
 
 

@@ -1,7 +1,7 @@
 """Memory per process of a DP LoRA run: what a run needs per GPU before it starts (docs/distributed.md:
 memory per GPU). Checked against measured CPU peaks in docs/performance.md (scripts/sharded_memory.py).
 
-    python -m utils.memory_model            # the table of docs/distributed.md: Llama 2 7B/13B/70B, 1/8/64 processes
+    python -m utils.model.memory_model      # the table of docs/distributed.md: Llama 2 7B/13B/70B, 1/8/64 processes
 
 Terms, in bytes, for one process:
   base         the frozen base it holds: all of it (one process, data parallel, 4-bit), or 1/N of

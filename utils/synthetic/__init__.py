@@ -1,0 +1,2 @@
+"""Measuring synthetic data (scripts/evaluate_synthetic.py): memorisation, fidelity, downstream
+utility, and the report."""
