@@ -42,9 +42,9 @@ from utils.lora_utils import save_adapter
 from utils.model.fsdp_utils import assert_replicas_agree
 from utils.model.model_utils import access_token, build_model, load_tokenizer, uniform_guess_loss
 from utils.privacy.ledger import PrivacyLedger, ledger_line, new_id
-from utils.privacy.plan import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, validate_privacy_args
+from utils.privacy.plan import EXACT_LOG_FILE, add_privacy_args, make_privacy_plan, privacy_arguments
 from utils.privacy.run_ledger import admit_to_ledger, ledger_report
-from utils.privacy.sampling import UnitPoissonSampler, make_sampler
+from utils.privacy.sampling import make_sampler
 from utils.privacy.validation import evaluate_private, private_validation
 from utils.train_utils import StepLog, build_optimizer, evaluate, tracker_config, train_logical_step
 
@@ -71,20 +71,6 @@ def parse_args(argv=None):
         "loss clipped to [0, --loss_clip] plus Gaussian noise of SIGMA x L, accounted as validation_epsilon",
     )
     data.add_argument("--block_size", type=int, default=512, help="max tokens per record (longer ones are truncated)")
-    data.add_argument(
-        "--privacy_unit_key",
-        default=None,
-        metavar="KEY",
-        help="records carry their privacy unit's id (user, patient, author) under KEY: one unit, "
-        "however many records, is what epsilon protects (default: each record)",
-    )
-    data.add_argument(
-        "--max_records_per_unit",
-        type=int,
-        default=4,
-        metavar="K",
-        help="with --privacy_unit_key: records a sampled unit contributes (a random K when it has more)",
-    )
     model = p.add_argument_group("model and LoRA")
     model.add_argument("--model_name_or_path", required=True)
     model.add_argument("--access_token", default=None, help="hub token; prefer the HF_TOKEN environment variable")
@@ -163,17 +149,16 @@ def parse_args(argv=None):
         "another run forks it into this --output_dir",
     )
     args = p.parse_args(argv)
+    # the privacy flags' one home: typed and checked together, then read from args.privacy only
+    args.privacy = privacy_arguments(args)
+    for name in vars(args.privacy):
+        delattr(args, name)
     validate_args(args)
     args.work_dir = args.work_dir or default_work_dir(args.output_dir)
     return args
 
 
 def validate_args(args):
-    validate_privacy_args(args)
-    if args.max_records_per_unit < 1:
-        raise UserInputError(f"--max_records_per_unit {args.max_records_per_unit}: must be at least 1")
-    if args.privacy_unit_key is not None and args.sampling != "poisson":
-        raise UserInputError("--privacy_unit_key samples units with Poisson sampling: it excludes --sampling shuffle")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "block_size", "lora_r"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -229,24 +214,24 @@ def main(argv=None):
 
 def setup(args, accelerator):
     """Data, model with LoRA, sampler, privacy plan, DP gradient, optimizer: everything a run holds."""
-    say = accelerator.print
+    say, privacy = accelerator.print, args.privacy
     token = access_token(args.access_token)
     tokenizer = load_tokenizer(args.model_name_or_path, token)
     raw = load_raw_datasets(
-        args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, args.privacy_unit_key
+        args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, privacy.privacy_unit_key
     )
     if "validation" in raw:  # its metrics are published exactly
         check_disjoint(
-            raw["train"], raw["validation"], args.privacy_unit_key, args.validation_file or "validation split"
+            raw["train"], raw["validation"], privacy.privacy_unit_key, args.validation_file or "validation split"
         )
     units = (
-        privacy_units(raw["train"], args.privacy_unit_key, args.train_file or args.dataset_name)
-        if args.privacy_unit_key
+        privacy_units(raw["train"], privacy.privacy_unit_key, args.train_file or args.dataset_name)
+        if privacy.privacy_unit_key
         else None
     )
     # process 0 keeps the privacy ledger; opened before the model loads, so a bad one stops the run at once
-    ledger = on_main_process(lambda: PrivacyLedger(args.ledger_dir))
-    unit_hashes = ledger.unit_hashes(unit_keys(raw["train"], args.privacy_unit_key)) if ledger else None
+    ledger = on_main_process(lambda: PrivacyLedger(privacy.ledger_dir))
+    unit_hashes = ledger.unit_hashes(unit_keys(raw["train"], privacy.privacy_unit_key)) if ledger else None
     on_main_process(lambda: check_same_file_system(args.output_dir, args.work_dir))
     # whole, 4-bit, or (FSDP) sharded with only this process's shards ever loaded; LoRA from --seed
     model = build_model(args, accelerator, token, say)
@@ -262,23 +247,14 @@ def setup(args, accelerator):
     if eval_set is None:
         say("note: no validation data (--validation_file or a validation split): evaluation skipped")
     model.train()
-    validation = private_validation(args, raw.get("validation"), args.loss_clip or uniform_guess_loss(model))
+    validation = private_validation(args, raw.get("validation"), privacy.loss_clip or uniform_guess_loss(model))
 
-    randomness = DPRandomness(args.insecure_dp_seed)
+    randomness = DPRandomness(privacy.insecure_dp_seed)
     sampler = make_step_sampler(args, len(train_set), units, accelerator, randomness)
-    plan = make_privacy_plan(args, sampler, uniform_guess_loss(model), say)
+    planned = sampler.steps_for(args.max_train_steps, args.num_train_epochs)
+    plan = make_privacy_plan(privacy, sampler, planned, uniform_guess_loss(model), say)
     say(plan.plan_line())
-    dp_gradient = DPGradient(
-        model,
-        args.clip_norm,
-        plan.noise_multiplier if plan.private else -1,
-        sampler.expected_batch_size,
-        randomness,
-        loss_clip=plan.loss_clip,
-        loss_noise_multiplier=plan.loss_noise_multiplier,
-        secure_noise=args.secure_noise,
-        accountant=plan.accountant,
-    )
+    dp_gradient = DPGradient.from_plan(model, plan, randomness)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, args, plan.steps)
     log = StepLog(plan)
@@ -286,7 +262,7 @@ def setup(args, accelerator):
     state.run_facts = {
         "dataset_size": sampler.n,  # privacy units: records, or units under --privacy_unit_key
         "expected_batch_size": sampler.expected_batch_size,
-        "sampling": args.sampling,
+        "sampling": privacy.sampling,
         "total_steps": plan.steps,
         "private": plan.private,
         "train_loss": plan.train_loss,
@@ -315,21 +291,22 @@ def setup(args, accelerator):
 
 def make_step_sampler(args, num_records, units, accelerator, randomness):
     """Records (Poisson or shuffle), or privacy units of several records under --privacy_unit_key."""
-    layout = (
-        args.per_device_train_batch_size,
-        args.gradient_accumulation_steps,
-        accelerator.num_processes,
+    privacy = args.privacy
+    layout = (args.per_device_train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes)
+    sampler = make_sampler(
+        privacy.sampling,
+        num_records,
+        *layout,
         accelerator.process_index,
         randomness,
+        units=units,
+        max_records_per_unit=privacy.max_records_per_unit,
     )
-    if units is None:
-        return make_sampler(args.sampling, num_records, *layout)
-    sampler = UnitPoissonSampler(units, *layout, args.max_records_per_unit)
     beyond = sampler.records_beyond_cap()
     if beyond:  # console only: an exact statistic of the private data
         accelerator.print(
             f"note: {beyond} of {num_records} records are beyond --max_records_per_unit "
-            f"{args.max_records_per_unit} in their unit; each step uses a random {args.max_records_per_unit}"
+            f"{privacy.max_records_per_unit} in their unit; each step uses a random {privacy.max_records_per_unit}"
         )
     return sampler
 
@@ -387,7 +364,7 @@ def train(args, run, accelerator):
         if run.ledger:  # on disk before the step touches any data, so before anything it produces
             run.ledgered.record_step(step + 1)
         stats = train_logical_step(
-            run.model, run.sampler.micro_batches(step), run.collator, run.dp_gradient, accelerator, step
+            run.model, run.sampler.record_batches(step), run.collator, run.dp_gradient, accelerator, step
         )
         run.optimizer.step()
         run.scheduler.step()

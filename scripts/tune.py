@@ -44,7 +44,7 @@ from utils.io_utils import write_json
 from utils.privacy.accounting import composed_epsilon, compute_epsilon_rdp
 from utils.privacy.ledger import PrivacyLedger, Session, new_id
 from utils.privacy.plan import make_privacy_plan
-from utils.privacy.sampling import UnitPoissonSampler, make_sampler
+from utils.privacy.sampling import make_sampler
 from utils.privacy.validation import planned_evaluations
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,16 +134,24 @@ def draw_settings(space: dict, rng=None) -> dict:
 def trial_mechanism(trial_args):
     """The trials' arguments, data and privacy plan (sampling rate, noise and steps: every trial's)."""
     args = train_clm.parse_args([*trial_args, "--output_dir", "unused"])
+    privacy = args.privacy
     raw = load_raw_datasets(
-        args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, args.privacy_unit_key
+        args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, privacy.privacy_unit_key
     )
-    layout = (args.per_device_train_batch_size, args.gradient_accumulation_steps, 1, 0, None)
-    if args.privacy_unit_key:
-        units = privacy_units(raw["train"], args.privacy_unit_key, "train")
-        sampler = UnitPoissonSampler(units, *layout, args.max_records_per_unit)
-    else:
-        sampler = make_sampler(args.sampling, len(raw["train"]), *layout)
-    plan = make_privacy_plan(args, sampler, 1.0, say=lambda *_: None)
+    units = privacy_units(raw["train"], privacy.privacy_unit_key, "train") if privacy.privacy_unit_key else None
+    sampler = make_sampler(
+        privacy.sampling,
+        len(raw["train"]),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        1,
+        0,
+        None,
+        units=units,
+        max_records_per_unit=privacy.max_records_per_unit,
+    )
+    planned = sampler.steps_for(args.max_train_steps, args.num_train_epochs)
+    plan = make_privacy_plan(privacy, sampler, planned, 1.0, say=lambda *_: None)
     if not plan.guaranteed:
         raise UserInputError("tuning needs private trials: clipping, noise above zero and a secret DP seed")
     return args, raw, plan
@@ -171,9 +179,11 @@ def admit_procedure(ledger, train, release, keys, mechanism, steps, args):
         tracked=False,
         sampling_rate=mechanism[0],
         noise_multiplier=mechanism[1],
-        relation=train.neighboring_relation,
+        relation=train.privacy.neighboring_relation,
         planned=1,
-        budget=[train.ledger_budget_epsilon, train.delta] if train.ledger_budget_epsilon else None,
+        budget=[train.privacy.ledger_budget_epsilon, train.privacy.delta]
+        if train.privacy.ledger_budget_epsilon
+        else None,
         purpose="procedure",
         select=[steps, args.mean_trials, SHAPES[args.trial_distribution]],
     )
@@ -264,17 +274,17 @@ def main(argv=None):
     if args.score == "train_loss" and plan.train_loss != "private":
         raise UserInputError("--score train_loss needs the private training loss (--train_loss private)")
     mechanism, steps = (plan.sampling_rate, plan.effective_noise_multiplier), plan.steps
-    ledger = PrivacyLedger(train.ledger_dir)
+    ledger = PrivacyLedger(train.privacy.ledger_dir)
     os.makedirs(os.path.dirname(release), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tuning-", dir=os.path.dirname(release))  # same file system as the release
     try:
-        keys = unit_keys(raw["train"], train.privacy_unit_key)
+        keys = unit_keys(raw["train"], train.privacy.privacy_unit_key)
         procedure = admit_procedure(ledger, train, release, keys, mechanism, steps, args)
         flags = ["--ledger_dir", ledger.folder, "--ledger_procedure", procedure.session.session]
         validation = None
         if args.score == "validation":
             evaluations = planned_evaluations(0, steps, train.eval_freq)
-            keys = unit_keys(raw["validation"], train.privacy_unit_key)
+            keys = unit_keys(raw["validation"], train.privacy.privacy_unit_key)
             gaussian = (1.0, train.validation_noise_multiplier)
             validation = admit_procedure(ledger, train, release, keys, gaussian, evaluations, args)
             flags += ["--ledger_validation_procedure", validation.session.session]

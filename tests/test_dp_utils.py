@@ -140,7 +140,7 @@ def test_private_step_without_noise_and_clipping_equals_non_private_step(tiny_ll
     model, collate = lora_model(tiny_llama), batch_of(tiny_llama, RECORDS)
     micro = [[0, 1], [2, 3]]
     private, _ = run_step(model, collate, micro, clip_norm=1e9, sigma=0.0, batch_size=4)
-    plain, _ = run_step(model, collate, micro, clip_norm=-1, sigma=-1, batch_size=4)
+    plain, _ = run_step(model, collate, micro, clip_norm=None, sigma=0.0, batch_size=4)
     assert torch.allclose(flat(private), flat(plain), rtol=1e-9, atol=1e-14)
     # and clipping does change it when C is small (the test above can fail)
     clipped, _ = run_step(model, collate, micro, clip_norm=1e-3, sigma=0.0, batch_size=4)

@@ -23,10 +23,10 @@ from utils.lora_utils import (
     default_target_modules,
     lora_summary,
     parse_target_modules,
-    randomise_lora_b,
     save_adapter,
 )
 from utils.model.model_utils import disable_base_dropout
+from utils.tiny_models import randomise_lora_b
 
 LLAMA_NAMES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 GPT2_REGEX = r"transformer\.h\.\d+\.attn\.(c_attn|c_proj)"  # attn.c_proj, not mlp.c_proj

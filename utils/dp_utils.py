@@ -222,15 +222,15 @@ class DPGradient:
     2.10; accounting.effective_noise_multiplier). `accountant.step()` is called by `finish_step`
     itself, once per released gradient, so no training loop can forget a step.
 
-    clip_norm < 0 and noise_multiplier < 0: non-private; plain autograd, no per-example work.
+    clip_norm None: non-private; plain autograd, no per-example work, no noise.
     """
 
     def __init__(
         self,
         model,
-        clip_norm,
-        noise_multiplier,
-        expected_batch_size,
+        clip_norm: float | None,
+        noise_multiplier: float,
+        expected_batch_size: int,
         randomness=None,
         *,
         loss_clip=None,
@@ -238,13 +238,13 @@ class DPGradient:
         secure_noise=False,
         accountant=None,
     ):
-        self.private = clip_norm > 0
-        if noise_multiplier > 0 and not self.private:
-            raise ValueError("--noise_multiplier > 0 needs --clip_norm > 0 (noise is scaled by the clip norm)")
-        if self.private and noise_multiplier < 0:
-            raise ValueError("--clip_norm > 0 needs --noise_multiplier >= 0 (or a target epsilon)")
-        self.clip_norm = float(clip_norm)
-        self.noise_multiplier = max(float(noise_multiplier), 0.0)
+        self.private = clip_norm is not None
+        if self.private and not clip_norm > 0:
+            raise ValueError(f"clip norm {clip_norm}: must be positive (None: non-private)")
+        if not noise_multiplier >= 0 or (noise_multiplier > 0 and not self.private):
+            raise ValueError(f"noise multiplier {noise_multiplier}: must be >= 0, and 0 without clipping")
+        self.clip_norm = float(clip_norm) if self.private else None
+        self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = expected_batch_size
         self.randomness = randomness
         self.loss_clip = loss_clip
@@ -267,6 +267,24 @@ class DPGradient:
         self.last_norms = None
         if self.private:
             self._attach(model)
+
+    @classmethod
+    def from_plan(cls, model, plan, randomness) -> "DPGradient":
+        """The DP gradient a run's PrivacyPlan describes (clipping, noise, released loss, accountant),
+        or plain autograd when the plan is non-private."""
+        if not plan.private:
+            return cls(model, None, 0.0, plan.expected_batch_size)
+        return cls(
+            model,
+            plan.settings.clip_norm,
+            plan.noise_multiplier,
+            plan.expected_batch_size,
+            randomness,
+            loss_clip=plan.loss_clip,
+            loss_noise_multiplier=plan.loss_noise_multiplier,
+            secure_noise=plan.settings.secure_noise,
+            accountant=plan.accountant,
+        )
 
     def _new_sum(self):
         return torch.zeros(self.store.size, dtype=self._dtype, device=self._device)

@@ -21,27 +21,17 @@ def forward_losses(model: torch.nn.Module, batch: dict, accelerator) -> tuple[to
     return per_record_loss(logits, batch["labels"])
 
 
-def train_logical_step(model: torch.nn.Module, micro_batches: list, collator, dp_gradient, accelerator, step: int):
+def train_logical_step(model: torch.nn.Module, record_batches: list, collator, dp_gradient, accelerator, step: int):
     """One logical step: every micro-batch's backward, clipped accumulation, then the noisy average
-    in param.grad. Returns the step's StepStats (only its released_loss may be published)."""
+    in param.grad. record_batches: the sampler's (record indices, unit slots) of each micro-batch.
+    Returns the step's StepStats (only its released_loss may be published)."""
 
-    def forward(micro_batch):
-        indices, units = records_and_units(micro_batch)
+    def forward(record_batch):
+        indices, units = record_batch
         losses, counts = forward_losses(model, to_device(collator(indices), accelerator.device), accelerator)
         return losses, counts, units
 
-    return dp_gradient.logical_step(map(forward, micro_batches), step)
-
-
-def records_and_units(micro_batch: list) -> tuple[list, torch.Tensor | None]:
-    """A micro-batch of records, or of units (each a list of its records): the record indices and,
-    when some unit holds several records, each record's unit slot (else None)."""
-    if not micro_batch or not isinstance(micro_batch[0], list):
-        return micro_batch, None
-    indices = [record for unit in micro_batch for record in unit]
-    if len(indices) == len(micro_batch):  # one record per unit: exactly the record-level step
-        return indices, None
-    return indices, torch.tensor([slot for slot, unit in enumerate(micro_batch) for _ in unit])
+    return dp_gradient.logical_step(map(forward, record_batches), step)
 
 
 class StepLog:
@@ -95,9 +85,10 @@ def build_optimizer(params: list, args, total_steps: int):
 def tracker_config(args) -> dict:
     """The run's arguments for the tracker: public configuration, without the access token and the
     testing DP seed (whoever has it regenerates every sample and noise draw)."""
+    flags = {k: v for k, v in vars(args).items() if k != "privacy"} | vars(args.privacy)
     return {
         k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-        for k, v in vars(args).items()
+        for k, v in flags.items()
         if k not in ("access_token", "insecure_dp_seed")
     }
 

@@ -52,6 +52,20 @@ def add_privacy_args(parser: argparse.ArgumentParser):
     )
     privacy.add_argument("--delta", type=float, default=1e-7)
     privacy.add_argument(
+        "--privacy_unit_key",
+        default=None,
+        metavar="KEY",
+        help="records carry their privacy unit's id (user, patient, author) under KEY: one unit, "
+        "however many records, is what epsilon protects (default: each record)",
+    )
+    privacy.add_argument(
+        "--max_records_per_unit",
+        type=int,
+        default=4,
+        metavar="K",
+        help="with --privacy_unit_key: records a sampled unit contributes (a random K when it has more)",
+    )
+    privacy.add_argument(
         "--accountant",
         choices=sorted(ACCOUNTANTS),
         default="pld",
@@ -114,7 +128,45 @@ def add_privacy_args(parser: argparse.ArgumentParser):
     return privacy
 
 
-def validate_privacy_args(args: argparse.Namespace) -> None:
+@dataclasses.dataclass(frozen=True)
+class PrivacyArguments:
+    """The privacy flags (add_privacy_args), typed and validated in one place: what a run promises
+    before it sees the data. `private` is decided here and nowhere else."""
+
+    clip_norm: float
+    noise_multiplier: float | None
+    target_epsilon: float | None
+    delta: float
+    privacy_unit_key: str | None
+    max_records_per_unit: int
+    accountant: str
+    neighboring_relation: str
+    sampling: str
+    train_loss: str
+    loss_clip: float | None
+    secure_noise: bool
+    insecure_dp_seed: int | None
+    ledger_dir: str | None
+    ledger_budget_epsilon: float | None
+    ledger_procedure: str | None = None
+    ledger_validation_procedure: str | None = None
+
+    @property
+    def private(self) -> bool:
+        """Clipping and noise (a guarantee, or at least clipping); -1/-1 on the command line: none."""
+        return self.clip_norm > 0
+
+    @property
+    def seed_published(self) -> bool:
+        return self.insecure_dp_seed is not None
+
+    @property
+    def unit_name(self) -> str:
+        return f"units ('{self.privacy_unit_key}')" if self.privacy_unit_key else "records"
+
+
+def privacy_arguments(args: argparse.Namespace) -> PrivacyArguments:
+    """The parsed privacy flags, checked together; a UserInputError names the first bad one."""
     if args.target_epsilon is not None and args.noise_multiplier is not None:
         raise UserInputError("--target_epsilon and --noise_multiplier exclude each other: give one")
     if args.target_epsilon is not None and args.clip_norm <= 0:
@@ -137,6 +189,11 @@ def validate_privacy_args(args: argparse.Namespace) -> None:
         raise UserInputError("--secure_noise and --insecure_dp_seed exclude each other")
     if args.ledger_budget_epsilon is not None and not args.ledger_budget_epsilon > 0:
         raise UserInputError(f"--ledger_budget_epsilon {args.ledger_budget_epsilon}: must be positive")
+    if args.max_records_per_unit < 1:
+        raise UserInputError(f"--max_records_per_unit {args.max_records_per_unit}: must be at least 1")
+    if args.privacy_unit_key is not None and args.sampling != "poisson":
+        raise UserInputError("--privacy_unit_key samples units with Poisson sampling: it excludes --sampling shuffle")
+    return PrivacyArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrivacyArguments)})
 
 
 @dataclasses.dataclass
@@ -150,7 +207,7 @@ class PrivacyPlan:
     sampling_rate: float
     expected_batch_size: int
     dataset_size: int
-    args: object
+    settings: PrivacyArguments
     sampling_caveat: str | None = None
     accountant: PrivacyAccountant | None = None
     discarded_steps: int = 0  # steps of a discarded branch of this run whose figures reached its release
@@ -161,11 +218,11 @@ class PrivacyPlan:
 
     @property
     def unit_name(self):
-        return f"units ('{self.args.privacy_unit_key}')" if self.args.privacy_unit_key else "records"
+        return self.settings.unit_name
 
     @property
     def seed_published(self) -> bool:
-        return self.args.insecure_dp_seed is not None
+        return self.settings.seed_published
 
     @property
     def guaranteed(self) -> bool:
@@ -195,30 +252,25 @@ class PrivacyPlan:
         """What the release may state: None also when the DP seed is known (no guarantee)."""
         return None if self.seed_published else self.epsilon(steps, relation)
 
-    def fit_discarded_steps(self, discarded: int, start_step: int, say=print) -> None:
+    def fit_discarded_steps(self, discarded: int, start_step: int, release: str, say=print) -> None:
         """Count `discarded` released steps of a discarded branch; under --target_epsilon, end the
         run early enough that the release still stays within the target."""
         self.discarded_steps = discarded
         if not discarded:
             return
-        say(
-            f"note: {discarded} steps of a discarded branch of this run reached {self.args.output_dir}; "
-            "epsilon counts them"
-        )
-        if self.args.target_epsilon is not None and self.accountant:
-            allowed = self.accountant.steps_within(self.args.target_epsilon, self.steps + discarded) - discarded
+        say(f"note: {discarded} steps of a discarded branch of this run reached {release}; epsilon counts them")
+        target = self.settings.target_epsilon
+        if target is not None and self.accountant:
+            allowed = self.accountant.steps_within(target, self.steps + discarded) - discarded
             if allowed < self.steps:
-                say(
-                    f"warning: to stay within --target_epsilon {self.args.target_epsilon:g} this run stops at "
-                    f"step {allowed}"
-                )
+                say(f"warning: to stay within --target_epsilon {target:g} this run stops at step {allowed}")
                 self.steps = max(start_step, allowed)
 
     def plan_line(self) -> str:
         if not self.private:
             batch = self.expected_batch_size
             return f"non-private training: epsilon = infinity ({self.steps} steps, expected batch {batch})"
-        a = self.args
+        a = self.settings
         loss = (
             f", loss sigma {self.loss_noise_multiplier:.4g} at L {self.loss_clip:.3g}, effective sigma "
             f"{self.effective_noise_multiplier:.4g}"
@@ -235,7 +287,7 @@ class PrivacyPlan:
 
     def report(self, steps: int, num_processes: int) -> dict:
         """privacy_report.json: the guarantee of the `steps` steps taken, and how it was obtained."""
-        a, private = self.args, self.private
+        a, private = self.settings, self.private
         released = steps + self.discarded_steps
         report = {
             "epsilon": self.published_epsilon(steps, "add_remove"),
@@ -279,25 +331,32 @@ class PrivacyPlan:
         return report
 
 
-def noise_source(args: argparse.Namespace) -> str:
-    if args.insecure_dp_seed is not None:
+def noise_source(settings: PrivacyArguments) -> str:
+    if settings.seed_published:
         return "insecure (--insecure_dp_seed)"
-    return "os cryptographic generator, sum of 4 draws (--secure_noise)" if args.secure_noise else "os-seeded generator"
+    return (
+        "os cryptographic generator, sum of 4 draws (--secure_noise)"
+        if settings.secure_noise
+        else "os-seeded generator"
+    )
 
 
-def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: float, say=print) -> PrivacyPlan:
+def make_privacy_plan(
+    settings: PrivacyArguments, sampler, planned_steps: int, default_loss_clip: float, say=print
+) -> PrivacyPlan:
     """Validate against the data, calibrate sigma, apply the budget guard; the run's PrivacyPlan.
 
-    The sampler states the sampling rate q the accountant composes, the planned steps and its
-    caveat; default_loss_clip is L when --loss_clip is not given."""
-    private = args.clip_norm > 0
+    The sampler states the sampling rate q the accountant composes, the number of privacy units and
+    its caveat; planned_steps: the steps asked for (--max_train_steps, or the sampler's for the
+    epochs); default_loss_clip is L when --loss_clip is not given."""
+    a, private = settings, settings.private
     dataset_size, sampling_rate, expected_batch_size = sampler.n, sampler.sampling_rate, sampler.expected_batch_size
-    planned = args.max_train_steps if args.max_train_steps is not None else sampler.planned_steps(args.num_train_epochs)
-    train_loss = args.train_loss if private else "exact"  # nothing is private without clipping and noise
-    loss_clip = (args.loss_clip or default_loss_clip) if train_loss == "private" else None
+    planned = planned_steps
+    train_loss = a.train_loss if private else "exact"  # nothing is private without clipping and noise
+    loss_clip = (a.loss_clip or default_loss_clip) if train_loss == "private" else None
     plan = PrivacyPlan(
         private,
-        args.noise_multiplier,
+        a.noise_multiplier if private else None,
         None,
         loss_clip,
         train_loss,
@@ -305,16 +364,16 @@ def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: floa
         sampling_rate,
         expected_batch_size,
         dataset_size,
-        args,
+        settings,
         sampler.caveat,
     )
     if not private:
         return plan
     try:
-        check_delta(args.delta, dataset_size, plan.unit_name)
-        if args.target_epsilon is not None:
+        check_delta(a.delta, dataset_size, plan.unit_name)
+        if a.target_epsilon is not None:
             effective = noise_multiplier_for_epsilon(
-                args.target_epsilon, sampling_rate, planned, args.delta, args.neighboring_relation, args.accountant
+                a.target_epsilon, sampling_rate, planned, a.delta, a.neighboring_relation, a.accountant
             )
             plan.noise_multiplier = (
                 effective * math.sqrt(1 + LOSS_NOISE_RATIO**-2) if train_loss == "private" else effective
@@ -324,12 +383,12 @@ def make_privacy_plan(args: argparse.Namespace, sampler, default_loss_clip: floa
     if train_loss == "private":
         plan.loss_noise_multiplier = LOSS_NOISE_RATIO * plan.noise_multiplier
     plan.accountant = PrivacyAccountant(
-        plan.effective_noise_multiplier, sampling_rate, args.delta, args.neighboring_relation, args.accountant
+        plan.effective_noise_multiplier, sampling_rate, a.delta, a.neighboring_relation, a.accountant
     )
-    if args.target_epsilon is not None:  # defence in depth: never step past the budget
-        allowed = plan.accountant.steps_within(args.target_epsilon, planned)
+    if a.target_epsilon is not None:  # defence in depth: never step past the budget
+        allowed = plan.accountant.steps_within(a.target_epsilon, planned)
         if allowed < planned:
-            say(f"warning: only {allowed} of {planned} steps fit in --target_epsilon {args.target_epsilon:g}")
+            say(f"warning: only {allowed} of {planned} steps fit in --target_epsilon {a.target_epsilon:g}")
             plan.steps = allowed
     if plan.noise_multiplier == 0:
         say("warning: --noise_multiplier 0 clips without noise: epsilon is infinite")

@@ -15,7 +15,7 @@ def admit_to_ledger(args, run, say=print) -> tuple[int, int]:
     state, plan = run.state, run.plan
     release = os.path.abspath(args.output_dir)
     discarded = run.ledger.steps_off_lineage(state.run_id, release, state.lineage) if state.lineage else 0
-    plan.fit_discarded_steps(discarded, state.step, say)
+    plan.fit_discarded_steps(discarded, state.step, args.output_dir, say)
     session = Session(
         session=state.session_id,
         run=state.run_id,
@@ -24,10 +24,10 @@ def admit_to_ledger(args, run, say=print) -> tuple[int, int]:
         tracked=args.with_tracking,
         sampling_rate=plan.sampling_rate,
         noise_multiplier=plan.effective_noise_multiplier if plan.guaranteed else None,
-        relation=args.neighboring_relation,
+        relation=args.privacy.neighboring_relation,
         planned=plan.steps - state.step,
-        budget=[args.ledger_budget_epsilon, args.delta] if args.ledger_budget_epsilon else None,
-        **trial_of(args.ledger_procedure),
+        budget=[args.privacy.ledger_budget_epsilon, args.privacy.delta] if args.privacy.ledger_budget_epsilon else None,
+        **trial_of(args.privacy.ledger_procedure),
     )
     run.ledgered = run.ledger.admit(session, run.unit_hashes)
     if run.validation:  # its own units, its own Gaussian, one per evaluation
@@ -38,7 +38,7 @@ def admit_to_ledger(args, run, say=print) -> tuple[int, int]:
             sampling_rate=1.0,
             noise_multiplier=None if plan.seed_published else run.validation.noise_multiplier,
             planned=planned_evaluations(state.step, plan.steps, args.eval_freq),
-            **({"purpose": "validation"} | trial_of(args.ledger_validation_procedure)),
+            **({"purpose": "validation"} | trial_of(args.privacy.ledger_validation_procedure)),
         )
         run.validation.admitted = run.ledger.admit(validation, run.ledger.unit_hashes(run.validation.keys))
     return discarded, plan.steps
@@ -51,11 +51,11 @@ def trial_of(procedure: str | None) -> dict:
 
 def ledger_report(args, run) -> dict:
     """privacy_report.json's ledger and validation keys."""
-    report = run.ledgered.totals(args.delta)
-    if args.ledger_budget_epsilon:
-        report["ledger_budget_epsilon"] = args.ledger_budget_epsilon
+    report = run.ledgered.totals(args.privacy.delta)
+    if args.privacy.ledger_budget_epsilon:
+        report["ledger_budget_epsilon"] = args.privacy.ledger_budget_epsilon
     evaluations = run.ledger.run_steps(run.state.run_id, "validation") if run.validation else 0
-    report.update(validation_report(run.validation, evaluations, args.delta, run.plan.seed_published))
+    report.update(validation_report(run.validation, evaluations, args.privacy.delta, run.plan.seed_published))
     if run.validation:
-        report["validation_ledger_epsilon"] = run.validation.admitted.totals(args.delta)["ledger_epsilon"]
+        report["validation_ledger_epsilon"] = run.validation.admitted.totals(args.privacy.delta)["ledger_epsilon"]
     return report

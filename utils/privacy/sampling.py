@@ -6,7 +6,8 @@ privacy units `n` it samples from, and the caveat every report must carry when i
 a proven guarantee for it. A new sampler is one class registered in SAMPLERS.
 
 Record-level samplers give micro-batches of record indices; the unit-level sampler gives
-micro-batches of units, each a list of its record indices (docs/DESIGN.md 2.13).
+micro-batches of units, each a list of its record indices (docs/DESIGN.md 2.13). `record_batches`
+gives both as the training step needs them: record indices, and each record's unit slot.
 """
 
 import math
@@ -51,6 +52,10 @@ class StepSampler:
     def planned_steps(self, num_epochs: float) -> int:
         raise NotImplementedError
 
+    def steps_for(self, max_steps: int | None, num_epochs: float) -> int:
+        """The steps a run asks for: --max_train_steps if given, else its epochs' worth."""
+        return max_steps if max_steps is not None else self.planned_steps(num_epochs)
+
     def step_indices(self, step: int) -> list:
         """All records of logical step `step` (the same list on every process)."""
         raise NotImplementedError
@@ -62,6 +67,14 @@ class StepSampler:
         largest_share = math.ceil(len(chosen) / self.num_processes)
         count = max(self.accumulation_steps, math.ceil(largest_share / self.per_device))
         return [share[i * self.per_device : (i + 1) * self.per_device] for i in range(count)]
+
+    def record_batches(self, step: int) -> list:
+        """This process's micro-batches for `step` as (record indices, unit slot of each record or
+        None when every record is its own unit): what the DP gradient needs to clip each unit once."""
+        return [(batch, None) for batch in self.micro_batches(step)]
+
+    def records_beyond_cap(self) -> int:
+        return 0
 
 
 class PoissonSampler(StepSampler):
@@ -142,6 +155,16 @@ class UnitPoissonSampler(PoissonSampler):
         gen = self.randomness.generator(f"unit_records:{unit}", step)
         return [records[i] for i in sorted(torch.randperm(len(records), generator=gen)[: self.max_records].tolist())]
 
+    def record_batches(self, step):
+        return [self._flatten(batch) for batch in self.micro_batches(step)]
+
+    @staticmethod
+    def _flatten(units):
+        indices = [record for unit in units for record in unit]
+        if len(indices) == len(units):  # one record per unit: exactly the record-level step
+            return indices, None
+        return indices, torch.tensor([slot for slot, unit in enumerate(units) for _ in unit])
+
     def records_beyond_cap(self):
         """Records that no single step can use (an exact statistic of the data: console only)."""
         return sum(max(0, len(records) - self.max_records) for records in self.units)
@@ -150,5 +173,22 @@ class UnitPoissonSampler(PoissonSampler):
 SAMPLERS = {cls.name: cls for cls in (PoissonSampler, ShuffleSampler)}
 
 
-def make_sampler(name: str, *args, **kwargs) -> StepSampler:
-    return SAMPLERS[name](*args, **kwargs)
+def make_sampler(
+    name: str,
+    dataset_size: int,
+    per_device_batch_size: int,
+    accumulation_steps: int,
+    num_processes: int,
+    process_index: int,
+    randomness,
+    units: list | None = None,
+    max_records_per_unit: int = 1,
+) -> StepSampler:
+    """The sampler `name` over `dataset_size` records; with `units` (each a list of its record
+    indices), Poisson sampling of those units instead, at most `max_records_per_unit` records each."""
+    layout = (per_device_batch_size, accumulation_steps, num_processes, process_index, randomness)
+    if units is None:
+        return SAMPLERS[name](dataset_size, *layout)
+    if name != PoissonSampler.name:
+        raise ValueError(f"privacy units are sampled with Poisson sampling, not {name}")
+    return UnitPoissonSampler(units, *layout, max_records_per_unit)

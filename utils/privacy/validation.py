@@ -35,17 +35,17 @@ def private_validation(args, validation, loss_clip: float) -> PrivateValidation 
     validation data, evaluated exactly)."""
     if args.validation_noise_multiplier is None or validation is None:
         return None
-    if args.privacy_unit_key:
-        units = privacy_units(validation, args.privacy_unit_key, args.validation_file or "validation split")
+    if args.privacy.privacy_unit_key:
+        units = privacy_units(validation, args.privacy.privacy_unit_key, args.validation_file or "validation split")
     else:
         units = [[i] for i in range(len(validation))]
     try:
-        check_delta(args.delta, len(units), "validation units")
+        check_delta(args.privacy.delta, len(units), "validation units")
     except ValueError as err:
         from utils.cli import UserInputError
 
         raise UserInputError(f"--validation_noise_multiplier: {err}") from None
-    keys = unit_keys(validation, args.privacy_unit_key)
+    keys = unit_keys(validation, args.privacy.privacy_unit_key)
     return PrivateValidation(units, args.validation_noise_multiplier, loss_clip, keys)
 
 
