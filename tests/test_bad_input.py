@@ -180,6 +180,7 @@ def _looks_finished(output_dir):
     return [n for n in os.listdir(output_dir) if n in FINISHED or n.startswith(".incomplete")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_in_one_line(runs, name):
     result, output_dir, d, model = runs[name]
@@ -195,6 +196,7 @@ def test_bad_input_is_refused_in_one_line(runs, name):
     assert not _looks_finished(output_dir), os.listdir(output_dir)
 
 
+@pytest.mark.slow
 def test_records_longer_than_block_size_are_truncated_and_counted(runs):
     result, output_dir, _, _ = runs[LONG_RECORDS]
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,8 +2,10 @@
 draw and noise seed, with noise on; with FSDP the frozen base is sharded and the LoRA parameters are
 not (docs/DESIGN.md 2.4, 2.5, 2.9, 5). The launches use the README's configs in accelerate_configs/."""
 
+import glob
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -69,6 +71,7 @@ def assert_same_as_one_process(out, one):
     assert res["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_accelerate_launch_two_cpu_processes_equal_one_process(run_setup):
     out = str(run_setup["folder"] / "two")
     config = os.path.join("accelerate_configs", "cpu_2proc.cfg")
@@ -98,6 +101,7 @@ def _check_fsdp_reports(folder):
     assert reports[0]["after_wrap"]["lora_numel"] == reports[1]["after_wrap"]["lora_numel"]
 
 
+@pytest.mark.multiprocess
 def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
     """torch FSDP2 on CPU with gloo, with activation checkpointing (a 7B run uses both) and a
     resumable checkpoint saved mid-run."""
@@ -109,6 +113,7 @@ def test_fsdp_under_torchrun_shards_the_base_and_equals_unsharded(run_setup):
     assert os.path.isdir(os.path.join(out + ".work", "checkpoints", "step_2"))  # accelerate's save_state works sharded
 
 
+@pytest.mark.multiprocess
 def test_fsdp_accelerate_config_on_cpu_shards_and_equals_unsharded(run_setup):
     """The README's FSDP config itself, on two CPU processes (fp32 here; bf16 is for GPUs)."""
     out, reports = str(run_setup["folder"] / "fsdp_cfg"), str(run_setup["folder"] / "fsdp_cfg_reports")
@@ -145,24 +150,115 @@ def test_replica_checksum_sees_one_ulp():
     assert not torch.equal(replica_checksum(params), replica_checksum(swapped))
 
 
+CONFIG_PAGES = ["README.md", "docs/distributed.md"]  # each has a table: config | what it starts | edit
+NUMBERS = {"one": 1, "two": 2}
+
+
+def documented_configs():
+    """(where, config, what the docs say it starts, what they say to edit): a row of each config
+    table, or a sentence `accelerate_configs/X.cfg runs ...:` elsewhere in docs/. A row that says
+    "the same ..." says what the row above it says, then the rest."""
+    found = []
+    for page in CONFIG_PAGES:
+        above = ""
+        with open(os.path.join(ROOT, page)) as f:
+            for line in f:
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                name = re.fullmatch(r"`accelerate_configs/([\w.]+\.cfg)`", cells[0]) if len(cells) == 3 else None
+                if name:
+                    says = f"{above} {cells[1]}" if cells[1].startswith("the same") else cells[1]
+                    found.append((page, name[1], says, cells[2]))
+                    above = says
+    for page in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        text = " ".join(open(page).read().split())
+        for m in re.finditer(r"`accelerate_configs/([\w.]+\.cfg)` runs ([^:.]*)", text):
+            found.append((os.path.relpath(page, ROOT), m[1], m[2], ""))
+    return found
+
+
+def config_mismatches(cfg, raw, says, edit):
+    """What `says` and `edit` claim of a config that its file contradicts (cfg: as accelerate loads
+    it, defaults filled in; raw: the keys the file itself sets)."""
+    text, wrong = says.lower(), []
+
+    def expect(key, value, why):
+        if cfg.get(key) != value:
+            wrong.append(f"{why}: {key} is {cfg.get(key)!r}, not {value!r}")
+
+    cpu = re.search(r"\b(\d+|one|two) cpu process(?:es)?\b", text)
+    if cpu:
+        count = int(NUMBERS.get(cpu[1], cpu[1]))
+        expect("num_processes", count, cpu[0])
+        expect("use_cpu", True, cpu[0])
+        # one process: no launcher; several: torchrun's (MULTI_CPU without mpirun runs ONE process)
+        expect("distributed_type", "NO" if count == 1 else "MULTI_GPU", cpu[0])
+        if "bf16" not in text:  # docs/performance.md: float32 stays the default of every CPU config
+            expect("mixed_precision", "no", "a CPU config that does not say bf16")
+    if "process per gpu" in text or "gpus" in text:
+        expect("use_cpu", False, "GPUs")
+        if cfg["distributed_type"] not in ("FSDP", "MULTI_GPU"):
+            wrong.append(f"GPUs: distributed_type is {cfg['distributed_type']!r}")
+    machines = re.search(r"(\d+) machines x (\d+) gpus", text)
+    if machines:
+        expect("num_machines", int(machines[1]), machines[0])
+        expect("num_processes", int(machines[1]) * int(machines[2]), machines[0])
+    for m in re.finditer(r"\((\d+) processes\)|\((\d+) as shipped\)", f"{text} {edit}"):
+        expect("num_processes", int(m[1] or m[2]), m[0])
+    if "fsdp" in text:
+        expect("distributed_type", "FSDP", "FSDP")
+        fsdp = cfg.get("fsdp_config") or {}
+        if "fsdp2" in text and fsdp.get("fsdp_version") != 2:
+            wrong.append(f"FSDP2: fsdp_version is {fsdp.get('fsdp_version')!r}")
+        if "fully sharded" in text and fsdp.get("fsdp_reshard_after_forward") is not True:
+            wrong.append("fully sharded: fsdp_reshard_after_forward is not true")
+        # loaded shard by shard by train_clm.py itself: accelerate's own loading must stay off
+        if fsdp.get("fsdp_cpu_ram_efficient_loading"):
+            wrong.append("fsdp_cpu_ram_efficient_loading is on")
+    else:
+        if cfg["distributed_type"] == "FSDP":
+            wrong.append("FSDP, which the docs do not say")
+    if "data parallel" in text:
+        expect("distributed_type", "MULTI_GPU", "data parallel")
+    if "bf16" in text:
+        expect("mixed_precision", "bf16", "bf16")
+    for key in re.findall(r"`(\w+)`", edit):
+        if key not in raw:
+            wrong.append(f"the docs say to edit {key}, which the file does not set")
+    return wrong
+
+
 def test_configs_say_what_the_readme_says():
+    """README.md and docs/ say, for each config in accelerate_configs/, how many processes it
+    starts, on CPU or GPU, with FSDP or not and in which precision: the .cfg files must agree."""
+    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
-    def load(name):
-        return load_config_from_file(os.path.join(ROOT, "accelerate_configs", name)).to_dict()
+    documented = documented_configs()
+    shipped = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "accelerate_configs", "*.cfg")))
+    assert sorted({name for _, name, _, _ in documented}) == shipped  # each config is described, none missing
+    tables = {page: sorted(name for where, name, _, _ in documented if where == page) for page in CONFIG_PAGES}
+    assert len(tables["README.md"]) == 5 and tables["README.md"] == tables["docs/distributed.md"]
+    wrong = []
+    for page, name, says, edit in documented:
+        path = os.path.join(ROOT, "accelerate_configs", name)
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+        cfg = load_config_from_file(path).to_dict()
+        wrong += [f"{page}, {name} ({says}): {w}" for w in config_mismatches(cfg, raw, says, edit)]
+    # sentences such as "`cpu_2proc.cfg` says `distributed_type: MULTI_GPU`" quote a setting
+    quoted = r"`(?:accelerate_configs/)?([\w.]+\.cfg)` (?:says|with) `(\w+): ([^`]+)`"
+    checked = 0
+    for page in ["README.md", *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        text = " ".join(open(os.path.join(ROOT, page)).read().split())
+        for name, key, value in re.findall(quoted, text):
+            cfg = load_config_from_file(os.path.join(ROOT, "accelerate_configs", name)).to_dict()
+            checked += 1
+            if cfg.get(key) != yaml.safe_load(value):
+                wrong.append(f"{page}: {name} says {key}: {value}, the file {cfg.get(key)!r}")
+    assert checked >= 2 and not wrong, "\n".join(wrong)
 
-    fsdp = load("accelerate_config.cfg")
-    assert fsdp["distributed_type"] == "FSDP" and fsdp["mixed_precision"] == "bf16"
-    assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True
-    assert not fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]  # every process loads the base
-    ddp = load("accelerate_config_nofsdp.cfg")
-    assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "bf16"
-    one, two = load("cpu_1proc.cfg"), load("cpu_2proc.cfg")
-    assert one["distributed_type"] == "NO" and one["num_processes"] == 1 and one["use_cpu"]
-    # MULTI_CPU would silently run one process without mpirun (docs/DESIGN.md 5)
-    assert two["distributed_type"] == "MULTI_GPU" and two["num_processes"] == 2
 
-
+@pytest.mark.multiprocess
 def test_data_parallel_gpu_config_starts_gloo_processes_on_cpu(tmp_path):
     """The multi-GPU config, launched on CPU with 2 processes, gives one 2-process gloo job."""
     probe = tmp_path / "probe.py"

@@ -284,46 +284,6 @@ def test_demo_evaluate_generates_a_set_per_model_and_measures_them(tiny_llama, s
     assert summary["perplexity_nonprivate"] is not None  # --evaluate trains the non-private adapter
 
 
-# ---- generation speed -------------------------------------------------------------------------
-
-
-def test_generation_batches_prompts_of_similar_length_and_keeps_the_prompt_order(tiny_llama, tmp_path, monkeypatch):
-    import inference_generation_instruction
-    from utils import generation_utils
-
-    lines = ["A long prompt about lists, tuples, sets and dictionaries #### 1", "Hi #### 1",
-             "Another long prompt about the os and shutil modules #### 1", "Yo #### 1"]  # fmt: skip
-    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
-    widths, real = [], generation_utils.generate_batch
-
-    def recording(model, tokenizer, prompt_ids, *rest):
-        widths.append([len(ids) for ids in prompt_ids])
-        return real(model, tokenizer, prompt_ids, *rest)
-
-    monkeypatch.setattr(generation_utils, "generate_batch", recording)
-    out = inference_generation_instruction.main(
-        ["--model_name_or_path", tiny_llama, "--instruction_file", str(tmp_path / "prompts.txt"),
-         "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "4", "--batch_size", "2"]
-    )  # fmt: skip
-    assert [max(w) - min(w) for w in widths] == [max(w) - min(w) for w in sorted(widths)]
-    assert max(widths[0]) < min(widths[1])  # the two short prompts share a batch, the two long ones the other
-    records = [json.loads(line) for line in open(out)]
-    assert [r["instruction"] for r in records] == [line.split(" ####")[0] for line in lines]
-
-
-def test_generation_benchmark_reports_tokens_per_second(tiny_llama, tmp_path):
-    from scripts import benchmark_generation
-
-    result = benchmark_generation.main(
-        ["--model_name_or_path", tiny_llama, "--batch_sizes", "1,2", "--threads", "1", "--max_new_tokens", "4",
-         "--repeats", "1", "--json", str(tmp_path / "gen.json")]
-    )  # fmt: skip
-    assert [(r["threads"], r["batch_size"]) for r in result["rows"]] == [(1, 1), (1, 2)]
-    for row in result["rows"]:
-        assert row["tokens_per_second"] == pytest.approx(row["batch_size"] * 4 / row["seconds_per_batch"], rel=0.05)
-    assert json.loads((tmp_path / "gen.json").read_text())["rows"] == result["rows"]
-
-
 @pytest.mark.parametrize("measures", [["fidelity"], ["memorisation"], ["utility", "fidelity", "memorisation"]])
 def test_every_measure_flags_the_report_as_holding_training_statistics(measures):
     """The 'real' row of fidelity (MAUVE, lengths, distinct-n) comes from training records too."""

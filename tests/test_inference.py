@@ -138,6 +138,7 @@ def test_instruction_counts_one_process(trained, tiny_llama, instruction_file, t
     assert sorted(os.listdir(tmp_path)) == ["generation_info.json", "generation_run.json", "generations.jsonl"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["folder", "bin"])
 def test_instruction_counts_two_processes(trained, tiny_llama, instruction_file, tmp_path, kind):
     out = tmp_path / "two"

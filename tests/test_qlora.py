@@ -77,18 +77,41 @@ def test_an_evaluation_forward_leaves_training_gradients_as_they_were(tiny_llama
 
 @needs_bnb
 def test_train_clm_with_load_in_4bit(tiny_llama, text_records, tmp_path):
+    """A private run on the 4-bit base trains every adapted layer, and its report states the epsilon
+    of exactly its own mechanism: 2 steps at q = 4/24, sigma 1 with the loss released beside it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
     import train_clm
-    from utils.lora_utils import load_adapter
+    from utils.lora_utils import attention_linears, load_adapter
+    from utils.privacy.accounting import compute_epsilon, effective_noise_multiplier
+    from utils.privacy.plan import LOSS_NOISE_RATIO
 
     data = write_records(tmp_path / "d.jsonl", text_records[:24], jsonl=True)
     out = tmp_path / "out"
     sizes = dict(block_size=48, per_device_train_batch_size=4, max_train_steps=2, lora_r=4, lora_alpha=8)
     dp = dict(clip_norm=1, noise_multiplier=1, delta=1e-3)
     train_clm.main(train_args(tiny_llama, data, out, load_in_4bit=True, **sizes, **dp))
-    from transformers import AutoModelForCausalLM
 
-    trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
-    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapted = attention_linears(base)  # the default targets: q, k, v, o of both layers
+    trained = load_adapter(base, str(out))
+    lora_b = {
+        name.removeprefix("base_model.model.").removesuffix(".lora_B.default.weight"): p
+        for name, p in trained.named_parameters()
+        if "lora_B" in name
+    }
+    assert sorted(lora_b) == adapted and len(adapted) == 2 * 4
+    # B starts at zero; each step adds Gaussian noise to every coordinate's gradient and AdamW
+    # moves each coordinate by about the learning rate: every entry of every B has left zero
+    assert all(bool((p != 0).all()) for p in lora_b.values())
+
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["steps"] == 2 and report["noise_multiplier"] == 1 and report["delta"] == 1e-3
+    assert report["sampling_rate"] == pytest.approx(4 / 24)
+    sigma = effective_noise_multiplier(1.0, LOSS_NOISE_RATIO * 1.0)  # the gradient and the released loss
+    assert report["epsilon"] == pytest.approx(compute_epsilon(sigma, 4 / 24, 2, 1e-3), rel=1e-6)
 
 
 def _args(**kw):

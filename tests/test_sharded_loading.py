@@ -91,6 +91,7 @@ def _unsharded_lora_checksum(model_dir):
     return replica_checksum([p for p in model.parameters() if p.requires_grad]).tolist()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup):
     out, reports = str(setup["folder"] / "two"), str(setup["folder"] / "two_reports")
     args = two_process_args(setup, out, fsdp=True, gradient_ckpt=True, debug_sync_check=1)
@@ -115,6 +116,7 @@ def test_two_processes_read_only_their_shards_and_equal_the_unsharded_run(setup)
     assert diff < 1e-6 and relative_difference(a, b, "lora_B") < 1e-6
 
 
+@pytest.mark.multiprocess
 def test_two_machine_config_runs_as_two_one_process_machines(setup):
     """accelerate_configs/fsdp_2machines_8gpus.cfg with num_processes and the address overridden,
     exactly as the steps of docs/distributed.md do on real machines; each 'machine' starts one process."""

@@ -163,6 +163,8 @@ def test_epsilon_is_accounted_over_units(tiny_llama, tmp_path):
     assert estimate * 0.995 <= report["epsilon"] <= estimate * 1.03
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_equal_one_for_units(tiny_llama, tmp_path):
     units = {f"u{k}": [f"{t} (unit {k})" for t in TEXTS[: 1 + k % 5]] for k in range(16)}
     data = write_units(tmp_path / "d.jsonl", units)
