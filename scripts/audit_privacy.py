@@ -46,6 +46,7 @@ from scripts.audit_release import release_audit
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import Collator, tokenize_record
 from utils.dp_utils import per_record_loss
+from utils.io_utils import write_json, write_text
 from utils.lora_utils import load_adapter
 from utils.model.model_utils import load_model, load_tokenizer
 from utils.privacy.ledger import LEDGER_ENV
@@ -257,21 +258,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     # the audit's canary data sets are its own: their runs go on a ledger of their own too
     os.environ.setdefault(LEDGER_ENV, os.path.join(os.path.abspath(args.output_dir), "ledger"))
-    model_path = args.model_name_or_path
-    tiny = model_path is None
-    if tiny:
-        # a 64-wide model gains nothing from threads, and loses many times over when cores are shared
-        torch.set_num_threads(1)
-        model_path = os.path.join(args.output_dir, "tiny_llama")
-        if not os.path.exists(os.path.join(model_path, "config.json")):
-            build_tiny_model(model_path)
-
-    if args.non_private:
-        privacy = ["--clip_norm", "-1", "--noise_multiplier", "-1"]
-    elif any(a.split("=")[0] == "--noise_multiplier" for a in passed_on):
-        privacy = []
-    else:
-        privacy = ["--target_epsilon", str(args.target_epsilon or (0.1 if args.attack == "release" else 4.0))]
+    model_path, tiny = audited_model(args)
+    privacy = privacy_flags(args, passed_on)
     if args.attack == "release":
         return report_release_audit(args, release_audit(args, privacy + passed_on, model_path, make_canaries))
 
@@ -285,23 +273,55 @@ def main(argv=None):
     train_clm.main(train_argv)
     with open(os.path.join(run_dir, "privacy_report.json")) as f:
         report = json.load(f)
+    block_size = train_clm.parse_args(train_argv).block_size
+    scores = canary_scores(model_path, run_dir, tokenizer, canaries, block_size, args.unit_records)
+    result = audit_result(args, report, canaries, included, scores, train_argv)
+    write_json(os.path.join(args.output_dir, "audit.json"), result)
+    print_audit(result)
+    return result
 
-    # score: loss drop of each canary unit from the base model (= the initial adapter) to the trained adapter
+
+def audited_model(args):
+    """The model to audit: (its path, whether it is the tiny random Llama built in output_dir)."""
+    if args.model_name_or_path is not None:
+        return args.model_name_or_path, False
+    # a 64-wide model gains nothing from threads, and loses many times over when cores are shared
+    torch.set_num_threads(1)
+    model_path = os.path.join(args.output_dir, "tiny_llama")
+    if not os.path.exists(os.path.join(model_path, "config.json")):
+        build_tiny_model(model_path)
+    return model_path, True
+
+
+def privacy_flags(args, passed_on):
+    """train_clm.py's privacy arguments: none, clipping and noise, or a target epsilon."""
+    if args.non_private:
+        return ["--clip_norm", "-1", "--noise_multiplier", "-1"]
+    if any(a.split("=")[0] == "--noise_multiplier" for a in passed_on):
+        return []
+    return ["--target_epsilon", str(args.target_epsilon or (0.1 if args.attack == "release" else 4.0))]
+
+
+def canary_scores(model_path, run_dir, tokenizer, canaries, block_size, per_unit):
+    """Each canary unit's loss drop from the base model (= the initial adapter) to the trained adapter."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_adapter(load_model(model_path), run_dir).eval().to(device)
     texts = [text for unit in canaries for text in unit]
-    trained, base = canary_losses(model, tokenizer, texts, train_clm.parse_args(train_argv).block_size)
-    per_unit = args.unit_records
-    scores = [
+    trained, base = canary_losses(model, tokenizer, texts, block_size)
+    return [
         sum(base[i : i + per_unit]) / per_unit - sum(trained[i : i + per_unit]) / per_unit
         for i in range(0, len(texts), per_unit)
     ]
+
+
+def audit_result(args, report, canaries, included, scores, train_argv):
+    """The guesses, their count and the bound, beside the run's own claim (audit.json)."""
     k_plus, k_minus, correct = guess_and_count(scores, included, args.num_guesses)
     m, r = args.num_canaries, args.num_guesses
     bound = epsilon_lower_bound(m, r, correct, args.delta, args.confidence)
     # a known DP seed (--insecure_dp_seed, for repeatable audits) is not the attacker's: the figure with a secret one
     claimed = report.get("epsilon_if_seed_secret", report.get("epsilon"))
-    result = {
+    return {
         "claimed_epsilon": claimed,  # null: non-private (infinite)
         "empirical_epsilon_lower_bound": bound,
         "confidence": args.confidence,
@@ -311,7 +331,7 @@ def main(argv=None):
         "num_guesses": r,
         "k_plus": k_plus,
         "k_minus": k_minus,
-        "records_per_canary": per_unit,
+        "records_per_canary": args.unit_records,
         "privacy_unit": report.get("privacy_unit"),
         "correct_guesses": correct,
         "mean_score_included": _mean([s for s, i in zip(scores, included) if i]),
@@ -329,16 +349,22 @@ def main(argv=None):
         "train_args": train_argv,
         "canaries": [{"texts": unit, "included": inc, "score": s} for unit, inc, s in zip(canaries, included, scores)],
     }
-    with open(os.path.join(args.output_dir, "audit.json"), "w") as f:
-        json.dump(result, f, indent=2)
+
+
+def print_audit(result):
+    """The audit's verdict on the console."""
+    claimed, bound = result["claimed_epsilon"], result["empirical_epsilon_lower_bound"]
+    per_unit = result["records_per_canary"]
     shown = "inf (non-private)" if claimed is None else f"{claimed:.3f}"
     unit = f" of {per_unit} records each" if per_unit > 1 else ""
-    print(f"audit: {correct} of {r} guesses correct ({m} canaries{unit}, {sum(included)} included)")
-    print(f"claimed epsilon: {shown} at delta {args.delta:g}")
-    print(f"empirical epsilon lower bound: {bound:.3f} at {100 * args.confidence:g}% confidence")
+    print(
+        f"audit: {result['correct_guesses']} of {result['num_guesses']} guesses correct "
+        f"({result['num_canaries']} canaries{unit}, {result['num_included']} included)"
+    )
+    print(f"claimed epsilon: {shown} at delta {result['delta']:g}")
+    print(f"empirical epsilon lower bound: {bound:.3f} at {100 * result['confidence']:g}% confidence")
     if claimed is not None and bound > claimed:
         print("WARNING: the empirical lower bound exceeds the claimed epsilon: the privacy claim is violated")
-    return result
 
 
 def write_training_set(args, tokenizer):
@@ -357,9 +383,8 @@ def write_training_set(args, tokenizer):
     records += [("", text, f"c{k}") for k, (unit, inc) in enumerate(zip(canaries, included)) if inc for text in unit]
     rng.shuffle(records)
     data_file = os.path.join(args.output_dir, "train.jsonl")
-    with open(data_file, "w") as f:
-        for instruction, answer, unit in records:
-            f.write(json.dumps({"instruction": instruction, "answer": answer, "unit": unit}) + "\n")
+    rows = ({"instruction": instruction, "answer": answer, "unit": unit} for instruction, answer, unit in records)
+    write_text(data_file, "".join(json.dumps(row) + "\n" for row in rows))
     return canaries, included, population, data_file
 
 
@@ -404,8 +429,7 @@ def training_arguments(args, data_file, model_path, run_dir, tiny, population, p
 
 
 def report_release_audit(args, result):
-    with open(os.path.join(args.output_dir, "audit_release.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.output_dir, "audit_release.json"), result)
     claimed = result["claimed_epsilon_replace_one"]  # same-size neighbours: the replace-one relation
     print(
         f"release audit ({result['train_loss']} training loss): canary flagged in {result['flagged_with_canary']} "

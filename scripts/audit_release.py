@@ -29,6 +29,7 @@ from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_clm
+from utils.io_utils import write_text
 from utils.lora_utils import load_adapter
 from utils.model.model_utils import load_model, load_tokenizer
 from utils.tiny_models import local_sentences
@@ -109,9 +110,7 @@ def learned_base(model_path, records, folder, seed):
 
 
 def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for instruction, answer in records:
-            f.write(json.dumps({"instruction": instruction, "answer": answer}) + "\n")
+    write_text(path, "".join(json.dumps({"instruction": i, "answer": a}) + "\n" for i, a in records))
 
 
 def clopper_pearson(k, n, confidence):

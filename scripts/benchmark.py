@@ -33,8 +33,10 @@ import time
 
 import torch
 
+from utils.cli import run_cli
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient, per_record_loss
+from utils.io_utils import write_json
 from utils.lora_utils import add_lora
 from utils.model.memory_model import Shape
 from utils.tiny_models import random_llama, randomise_lora_b
@@ -445,31 +447,43 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    skip = None
-    if "path" in preset and not os.path.exists(os.path.join(preset["path"], "config.json")):
-        skip = f"{preset['path']} is missing; build it with: python -m scripts.prepare_model"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        skip = "needs a CUDA GPU; none found"
+    skip = skip_reason(args)
     if skip:
         print(f"preset {args.preset} skipped: {skip}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"preset": args.preset, "skipped": skip}, f, indent=2)
-        return 0
+            write_json(args.json, {"preset": args.preset, "skipped": skip})
+        return None
     if args.memory_child:
         memory_child(args)
-        return 0
+        return None
+    result, med = run_benchmark(args)
+    print_table(result, med)
+    if args.json:
+        write_json(args.json, result)
+    return result
 
+
+def skip_reason(args):
+    """Why the preset cannot run here (its model not built, no GPU), or None."""
+    preset = PRESETS[args.preset]
+    if "path" in preset and not os.path.exists(os.path.join(preset["path"], "config.json")):
+        return f"{preset['path']} is missing; build it with: python -m scripts.prepare_model"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU; none found"
+    return None
+
+
+def run_benchmark(args):
+    """Time every variant, then measure its peak memory; returns the result and the median times."""
     notes = []
     model = build_model(args)
     batch = build_batch(args, model.config.vocab_size)
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad))
     check = check_same_gradient(model, batch, args, notes) if args.check else None
     variants = make_variants(model, args, notes)
-    before = (busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter())
+    before = machine_sample()
     times, peak_mem = time_variants(variants, batch, args, notes)
-    others = other_work_share(before, (busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()))
+    others = other_work_share(before, machine_sample())
     med = {name: statistics.median(t) for name, t in times.items()}
     if (others or 0) > 0.1 or any(spread_too_wide(t) for t in times.values()):
         notes.append(
@@ -477,23 +491,39 @@ def main(argv=None):
             "while timing, or step times spread over 1.5x between quartiles): medians are unreliable; "
             "compare min_s, or rerun on an idle machine"
         )
-    if peak_mem is not None:
-        mem_method = "CUDA max_memory_allocated during a step minus allocated before it (max over rounds)"
-    elif args.no_memory:
-        peak_mem, mem_method = {}, "not measured (--no_memory)"
-    else:
-        del model, variants
-        peak_mem = cpu_memory(args, list(med), notes)
-        mem_method = (
-            f"peak RSS growth over the first {MEMORY_STEPS} steps in a fresh subprocess per variant "
-            "(VmHWM reset through /proc/self/clear_refs; malloc mmap threshold 64 KiB)"
-        )
+    del model, variants  # on CPU the memory is measured in fresh subprocesses, with this one's freed
+    peak_mem, mem_method = peak_memory(args, peak_mem, list(med), notes)
+    measured = dict(sizes=sizes, times=times, med=med, peak_mem=peak_mem, mem_method=mem_method)
+    return result_record(args, **measured, check=check, others=others, notes=notes), med
+
+
+def machine_sample():
+    """(machine's busy CPU seconds, this process's CPU seconds, wall clock): for other_work_share."""
+    return busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+
+
+def peak_memory(args, cuda_peaks, names, notes):
+    """Peak memory per variant (MiB) and how it was measured: CUDA's figures from the timing rounds,
+    or on CPU one fresh subprocess per variant."""
+    if cuda_peaks is not None:
+        return cuda_peaks, "CUDA max_memory_allocated during a step minus allocated before it (max over rounds)"
+    if args.no_memory:
+        return {}, "not measured (--no_memory)"
+    method = (
+        f"peak RSS growth over the first {MEMORY_STEPS} steps in a fresh subprocess per variant "
+        "(VmHWM reset through /proc/self/clear_refs; malloc mmap threshold 64 KiB)"
+    )
+    return cpu_memory(args, names, notes), method
+
+
+def result_record(args, sizes, times, med, peak_mem, mem_method, check, others, notes):
+    """The benchmark's result (--json), from the timing rounds and the memory figures."""
 
     def ratio(a, b, of=med):
         return of[a] / of[b] if a in of and b in of else None
 
     mins = {name: min(t) for name, t in times.items()}
-    result = {
+    return {
         "preset": args.preset,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -527,11 +557,6 @@ def main(argv=None):
         "times_s": {k: [round(x, 5) for x in v] for k, v in times.items()},
         "notes": notes,
     }
-    print_table(result, med)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
 
 
 def other_work(r):
@@ -568,4 +593,4 @@ def print_table(r, med):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

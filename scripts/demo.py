@@ -31,9 +31,10 @@ import sys
 import time
 
 from scripts.prepare_model import is_complete, smollm2_dir
-from utils.cli import DefaultsHelpFormatter
+from utils.cli import DefaultsHelpFormatter, UserInputError, run_cli
 from utils.data_utils import DEFAULT_PUBMED_DIR as DEFAULT_DATASET_DIR
 from utils.data_utils import PUBMED_PROMPT as PROMPT
+from utils.io_utils import write_json, write_text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +214,7 @@ class Stages:
         code = subprocess.call([sys.executable] + cmd[1:], cwd=REPO_ROOT, env=self.env)
         self.add(stage, time.time() - start, _children_cpu() - cpu)
         if code != 0:
-            sys.exit(f"demo: stage '{stage}' failed (exit status {code}); command: {shlex.join(shown)}")
+            raise UserInputError(f"stage '{stage}' failed (exit status {code}); command: {shlex.join(shown)}")
 
     def add(self, stage, wall, cpu=0.0):
         old = self.times.get(stage, (0.0, 0.0))
@@ -252,7 +253,7 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed, by_auth
     paths, counts, training_authors = {}, {}, set()
     for split, count in (("train", train_records), ("validation", val_records)):
         if split not in dd:
-            sys.exit(f"demo: {dataset_dir} has no '{split}' split")
+            raise UserInputError(f"{dataset_dir} has no '{split}' split")
         order = list(range(len(dd[split])))
         random.Random(seed).shuffle(order)
         has_author = "author" in dd[split].column_names
@@ -263,16 +264,19 @@ def write_subsets(dataset_dir, folder, train_records, val_records, seed, by_auth
         if len(order) < count:
             what = " whose first author has no training abstract" if split == "validation" and by_author else ""
             flag = "train" if split == "train" else "val"
-            sys.exit(f"demo: --{flag}_records {count}: the {split} split has only {len(order)} records{what}")
+            raise UserInputError(
+                f"demo: --{flag}_records {count}: the {split} split has only {len(order)} records{what}"
+            )
         rows = dd[split].select(order[:count])
         authors = rows["author"] if has_author else [None] * count
         if split == "train":
             training_authors = set(authors)
         paths[split] = os.path.join(folder, f"{split}.jsonl")
-        with open(paths[split], "w") as f:
-            for text, author in zip(rows["text"], authors):
-                record = {"instruction": PROMPT, "answer": text, **({"author": author} if author else {})}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        records = (
+            {"instruction": PROMPT, "answer": text, **({"author": author} if author else {})}
+            for text, author in zip(rows["text"], authors)
+        )
+        write_text(paths[split], "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         print(f"wrote {count} {split} records to {_short(paths[split])}")
         counts[split] = count
     return paths, counts["train"], len(training_authors)
@@ -460,22 +464,37 @@ def summary_text(s):
 
 def main(argv=None):
     args = parse_args(argv)
-    start = time.time()
-    stages = Stages()
+    start, stages = time.time(), Stages()
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
+    dataset_dir, model = prepare_data_and_model(args, stages)
+    paths, units = prepare_subsets(args, stages, dataset_dir, out)
+    runs = fresh_run_folders(out)
+    run_trainings(args, stages, model, paths, runs)
+    stages.run("generation", generation_command(args, model, paths, runs))
+    summary = summarise(args, stages, model, runs, units, out, start)
+    publish_summary(out, summary)
+    if args.evaluate:
+        summary["evaluation"] = run_evaluation(args, stages, model, paths, runs, dataset_dir, out)
+    return summary
 
-    # 1. data and model (only when absent)
+
+def prepare_data_and_model(args, stages):
+    """1. The data set and the model, each built only when absent; returns their paths."""
     dataset_dir = os.path.abspath(args.dataset_dir or DEFAULT_DATASET_DIR)
     if not os.path.isfile(os.path.join(dataset_dir, "dataset_dict.json")):
         if args.dataset_dir:
-            sys.exit(f"demo: --dataset_dir {args.dataset_dir}: no built data set there")
+            raise UserInputError(f"--dataset_dir {args.dataset_dir}: no built data set there")
         stages.run("prepare data", [sys.executable, "-m", "scripts.prepare_pubmed"])
     model = args.model_name_or_path or smollm2_dir()
     if args.model_name_or_path is None and not is_complete(model):
         stages.run("prepare model", [sys.executable, "-m", "scripts.prepare_model"])
+    return dataset_dir, model
 
-    # 2. subsets
+
+def prepare_subsets(args, stages, dataset_dir, out):
+    """2. The training and validation files; sets the default delta from the number of privacy
+    units. Returns the files' paths and that number."""
     t = time.time()
     print(
         f"\n=== subsets: {args.train_records or 'all'} training and {args.val_records} validation abstracts", flush=True
@@ -488,62 +507,94 @@ def main(argv=None):
     if args.delta is None:
         args.delta = min(1e-5, 1 / (10 * units))
     stages.add("subsets", time.time() - t)
+    return paths, units
+
+
+def fresh_run_folders(out):
+    """The runs' folders (base, dp, nonprivate, samples), emptied."""
     runs = {name: os.path.join(out, name) for name in ("base", "dp", "nonprivate", "samples")}
     # this demo's own outputs of an earlier run, and its ledger: each demo plays a first run on the
     # abstracts (a real data set keeps its ledger for ever; deleting it forgets what was spent)
     for folder in [*runs.values(), *(f"{run}.work" for run in runs.values()), ledger_dir(runs["dp"])]:
         shutil.rmtree(folder, ignore_errors=True)
+    return runs
 
-    # 3.-5. base perplexity, DP training, non-private training
+
+def run_trainings(args, stages, model, paths, runs):
+    """3.-5. Base perplexity (no step: LoRA B starts at zero), DP training, non-private training."""
     stages.run("base model perplexity", train_command(args, model, paths, runs["base"], False, 0))
     stages.run("DP training", train_command(args, model, paths, runs["dp"], True, args.steps))
     if args.compare_nonprivate:
         stages.run("non-private training", train_command(args, model, paths, runs["nonprivate"], False, args.steps))
 
-    # 6. synthetic abstracts from the DP adapter
-    stages.run(
-        "generation",
-        [
-            sys.executable,
-            "inference_generation_dataset.py",
-            "--model_name_or_path",
-            model,
-            # the prompts are the fixed public string "Abstract:", copied into the released generations
-            "--lora_weights_path",
-            runs["dp"],
-            "--validation_file",
-            paths["validation"],
-            "--prompts_are_public",
-            "--num_samples",
-            str(args.num_samples),
-            "--batch_size",
-            str(args.num_samples),
-            "--max_new_tokens",
-            str(args.max_new_tokens),
-            "--seed",
-            str(args.seed),
-            "--output_dir",
-            runs["samples"],
-        ],
-    )
 
-    # 7. plot and summary
-    t = time.time()
-    base = read_json(os.path.join(runs["base"], "all_results.json"))
-    dp = read_json(os.path.join(runs["dp"], "all_results.json"))
+def generation_command(args, model, paths, runs):
+    """6. A few synthetic abstracts from the DP adapter."""
+    return [
+        sys.executable,
+        "inference_generation_dataset.py",
+        "--model_name_or_path",
+        model,
+        # the prompts are the fixed public string "Abstract:", copied into the released generations
+        "--lora_weights_path",
+        runs["dp"],
+        "--validation_file",
+        paths["validation"],
+        "--prompts_are_public",
+        "--num_samples",
+        str(args.num_samples),
+        "--batch_size",
+        str(args.num_samples),
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+        "--seed",
+        str(args.seed),
+        "--output_dir",
+        runs["samples"],
+    ]
+
+
+REPORT_KEYS = (
+    "epsilon",
+    "epsilon_replace_one",
+    "delta",
+    "noise_multiplier",
+    "loss_noise_multiplier",
+    "effective_noise_multiplier",
+    "clip_norm",
+    "sampling",
+    "sampling_rate",
+    "expected_batch_size",
+    "steps",
+    "accountant",
+    "ledger_epsilon",
+    "ledger_steps",
+)
+
+
+def run_outputs(args, runs):
+    """What the runs wrote: all_results.json of each training run (non-private: None unless run), the
+    training logs of the trained ones, the DP run's privacy report, the synthetic abstracts."""
+    trained = ("base", "dp", "nonprivate") if args.compare_nonprivate else ("base", "dp")
+    results = {name: read_json(os.path.join(runs[name], "all_results.json")) for name in trained}
+    results.setdefault("nonprivate", None)
+    logs = {name: read_json(os.path.join(runs[name], "training_log.json")) for name in trained if name != "base"}
     report = read_json(os.path.join(runs["dp"], "privacy_report.json"))
-    dp_log = read_json(os.path.join(runs["dp"], "training_log.json"))
-    nonprivate = None
-    if args.compare_nonprivate:
-        np_results = read_json(os.path.join(runs["nonprivate"], "all_results.json"))
-        nonprivate = (read_json(os.path.join(runs["nonprivate"], "training_log.json")), np_results["eval_loss"])
     with open(os.path.join(runs["samples"], "generations.jsonl")) as f:
         samples = [json.loads(line)["answer"] for line in f if line.strip()]
-    plot_path = os.path.join(out, "training.png")
-    plot(plot_path, dp_log, report, base["eval_loss"], dp["eval_loss"], nonprivate)
-    stages.add("summary and plot", time.time() - t)
+    return results, logs, report, samples
 
-    summary = {
+
+def summarise(args, stages, model, runs, units, out, start):
+    """7. The plot (training.png) and the summary's figures."""
+    t = time.time()
+    results, logs, report, samples = run_outputs(args, runs)
+    base, dp, nonprivate = results["base"], results["dp"], results["nonprivate"]
+    plot_path = os.path.join(out, "training.png")
+    nonprivate_curve = None if nonprivate is None else (logs["nonprivate"], nonprivate["eval_loss"])
+    plot(plot_path, logs["dp"], report, base["eval_loss"], dp["eval_loss"], nonprivate_curve)
+    stages.add("summary and plot", time.time() - t)
+    return {
         "model": _short(model),
         "lora_r": args.lora_r,
         "lora_target_modules": args.lora_target_modules,
@@ -553,48 +604,29 @@ def main(argv=None):
         "privacy_unit": args.privacy_unit,
         "num_units": units,
         "learning_rate": args.learning_rate,
-        **{
-            k: report[k]
-            for k in (
-                "epsilon",
-                "epsilon_replace_one",
-                "delta",
-                "noise_multiplier",
-                "loss_noise_multiplier",
-                "effective_noise_multiplier",
-                "clip_norm",
-                "sampling",
-                "sampling_rate",
-                "expected_batch_size",
-                "steps",
-                "accountant",
-                "ledger_epsilon",
-                "ledger_steps",
-            )
-        },
+        **{k: report[k] for k in REPORT_KEYS},
         "ledger_dir": _short(ledger_dir(runs["dp"])),
         "perplexity_base": base["eval_perplexity"],
         "perplexity_dp": dp["eval_perplexity"],
-        "perplexity_nonprivate": np_results["eval_perplexity"] if args.compare_nonprivate else None,
+        "perplexity_nonprivate": None if nonprivate is None else nonprivate["eval_perplexity"],
         "eval_loss_base": base["eval_loss"],
         "eval_loss_dp": dp["eval_loss"],
-        "eval_loss_nonprivate": np_results["eval_loss"] if args.compare_nonprivate else None,
+        "eval_loss_nonprivate": None if nonprivate is None else nonprivate["eval_loss"],
         "time": {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in stages.times.items()},
         "total_wall_s": round(time.time() - start, 1),
         "plot": _short(plot_path),
         "max_new_tokens": args.max_new_tokens,
         "samples": samples,
     }
+
+
+def publish_summary(out, summary):
+    """summary.json, summary.txt, and the summary's text on the console."""
     text = summary_text(summary)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(out, "summary.txt"), "w") as f:
-        f.write(text + "\n")
+    write_json(os.path.join(out, "summary.json"), summary)
+    write_text(os.path.join(out, "summary.txt"), text + "\n")
     print("\n" + text, flush=True)
-    if args.evaluate:
-        summary["evaluation"] = run_evaluation(args, stages, model, paths, runs, dataset_dir, out)
-    return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

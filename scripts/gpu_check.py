@@ -22,7 +22,6 @@ Figures go to --notes (Markdown) and to stdout.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -34,15 +33,16 @@ import traceback
 import torch
 
 from scripts import gpu_check_large
+from scripts.gpu_check_common import Skip, lora, losses_of, make_batch, relative, sync, time_variant
+from scripts.gpu_check_common import same_batch_exactness as same_batch_exactness  # re-exported (tests/test_qlora.py)
 from utils import tiny_models
-from utils.cli import cli_flags
+from utils.cli import UserInputError, cli_flags, run_cli
 from utils.dist_utils import accelerate_launch_command, free_port
 from utils.dp_randomness import DPRandomness
-from utils.dp_utils import DPGradient, per_record_loss
-from utils.lora_utils import add_lora
+from utils.dp_utils import DPGradient
+from utils.io_utils import write_text
 from utils.model.fsdp_utils import shard_frozen_base, shard_summary
 from utils.model.memory_model import LLAMA_2, Shape
-from utils.tiny_models import randomise_lora_b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +71,7 @@ def parse_args():
         args.shape, args.device, args.block_size, args.batch_size = SHAPE_SMOKE, torch.device("cpu"), 32, 4
     else:
         if not torch.cuda.is_available():
-            sys.exit("gpu_check: no CUDA GPU visible (use --smoke for the CPU rehearsal)")
+            raise UserInputError("no CUDA GPU visible (use --smoke for the CPU rehearsal)")
         args.shape, args.device = SHAPE_7B, torch.device("cuda", 0)
         torch.cuda.set_device(0)
     args.layers = args.layers or args.shape["num_hidden_layers"]
@@ -82,63 +82,9 @@ def parse_args():
 # ----------------------------------------------------------------------------------------------
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def random_llama(shape, layers, device, dtype):
     tokens, shape = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1), {**shape, "num_hidden_layers": layers}
     return tiny_models.random_llama(dtype, device, max_position_embeddings=4096, use_cache=False, **tokens, **shape)
-
-
-def lora(model, r=16, random_b=False):
-    model = add_lora(model, r=r, alpha=r, seed=0)
-    return (randomise_lora_b(model, std=0.02) if random_b else model).train()
-
-
-def make_batch(n, length, vocab, device, ragged=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (n, length), generator=gen)
-    mask = torch.ones_like(ids)
-    if ragged:  # right padding, as the collator makes it
-        for i in range(n):
-            mask[i, length - i * (length // (2 * n)) :] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    ids = ids.masked_fill(mask == 0, 1)
-    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
-
-
-def losses_of(model, batch, autocast_dtype):
-    device_type = batch["input_ids"].device.type
-    context = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with context:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_record_loss(logits, batch["labels"])[0]
-
-
-def relative(a, b):
-    a = torch.cat([x.double().flatten() for x in a])
-    b = torch.cat([x.double().flatten() for x in b])
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def same_batch_exactness(model, batch, autocast_dtype):
-    """Max over records of ||g_i - r_i|| / ||r_i||: g_i the per-example gradient DPGradient stores,
-    r_i autograd's gradient of record i's own loss in the same forward pass (so batch composition
-    and padding are identical: any difference is the per-example machinery's)."""
-    n = batch["input_ids"].shape[0]
-    dp = DPGradient(model, 1.0, 0.0, n)
-    losses_of(model, batch, autocast_dtype).sum().backward()
-    ours = [dp.store.grads[p].detach().double().clone() for p in dp.params]
-    dp.store.clear()
-    dp.detach()
-    losses = losses_of(model, batch, autocast_dtype)
-    worst = 0.0
-    for i in range(n):
-        reference = torch.autograd.grad(losses[i], dp.params, retain_graph=i < n - 1)
-        worst = max(worst, relative([g[i] for g in ours], reference))
-    return worst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,31 +125,6 @@ def check_exactness(args, notes):
     return out
 
 
-def time_variant(model, dp, optimizer, batch, args, autocast, label, notes):
-    """3 warm-up and args.steps timed logical steps of one micro-batch; tokens/s and peak memory."""
-    times = []
-    if args.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(3 + args.steps):
-        sync(args.device)
-        start = time.perf_counter()
-        dp.logical_step([(losses_of(model, batch, autocast), None)], step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(args.device)
-        if step >= 3:
-            times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
-    tokens = int(batch["attention_mask"].sum())
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
-    result = {"step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak}
-    notes.append(
-        f"throughput {label}: {tokens / seconds:,.0f} tokens/s ({seconds * 1000:.0f} ms per step of "
-        f"{args.batch_size} x {args.block_size} tokens), peak memory {peak:.1f} GiB"
-    )
-    return result
-
-
 def dp_gradient_of(model, batch, autocast):
     """The DP gradient (clip 1, no noise) of one fixed batch, as param.grad after finish_step."""
     dp = DPGradient(model, 1.0, 0.0, batch["input_ids"].shape[0])
@@ -229,7 +150,7 @@ def check_throughput_and_fsdp(args, notes, results, run_fsdp):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     out = {}
-    for label, clip, sigma in [("non-private", -1, -1), ("DP", 1.0, 1.0)]:
+    for label, clip, sigma in [("non-private", None, 0.0), ("DP", 1.0, 1.0)]:
         dp = DPGradient(model, clip, sigma, args.batch_size, DPRandomness(insecure_seed=0))
         out[label] = time_variant(model, dp, optimizer, batch, args, autocast, label, notes)
         dp.detach()
@@ -329,83 +250,94 @@ def init_one_process_group(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def main():
-    args = parse_args()
-    sections = args.sections.split(",")
-    start, notes, results, status = time.perf_counter(), [], {}, {}
-    name = torch.cuda.get_device_name(0) if args.device.type == "cuda" else "CPU (smoke rehearsal)"
-    header = (
-        f"{time.strftime('%Y-%m-%d %H:%M')} | {name} | torch {torch.__version__} | "
-        f"batch {args.batch_size} x {args.block_size} tokens"
-    )
-    print(header, flush=True)
+class Sections:
+    """Runs the sections one after another: each reports PASS, FAIL or SKIPPED and its figures (one
+    failing does not stop the others); the notes file is rewritten after every section."""
 
-    def section(label, fn):
-        if time.perf_counter() - start > args.budget_s:
-            status[label] = "SKIPPED (time budget)"
+    def __init__(self, args):
+        self.args, self.start = args, time.perf_counter()
+        self.notes, self.results, self.status, self.printed = [], {}, {}, 0
+        name = torch.cuda.get_device_name(0) if args.device.type == "cuda" else "CPU (smoke rehearsal)"
+        self.header = (
+            f"{time.strftime('%Y-%m-%d %H:%M')} | {name} | torch {torch.__version__} | "
+            f"batch {args.batch_size} x {args.block_size} tokens"
+        )
+
+    def run(self, label, fn):
+        if time.perf_counter() - self.start > self.args.budget_s:
+            self.status[label] = "SKIPPED (time budget)"
             return
         t0 = time.perf_counter()
         try:
             value = fn()
             if value is not None:
-                results[label] = value
-            status[label] = "PASS"
-        except gpu_check_large.Skip as why:  # cannot run here (e.g. no bitsandbytes): not a failure
-            status[label] = f"SKIPPED: {why}"
+                self.results[label] = value
+            self.status[label] = "PASS"
+        except Skip as why:  # cannot run here (e.g. no bitsandbytes): not a failure
+            self.status[label] = f"SKIPPED: {why}"
         except Exception as err:  # keep going: the other sections still report
             traceback.print_exc()
-            status[label] = f"FAIL: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.status[label] = f"FAIL: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         finally:
-            if args.device.type == "cuda":
+            if self.args.device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(f"[{label}] {status[label]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for line in notes[printed:]:
+        print(f"[{label}] {self.status[label]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for line in self.notes[self.printed :]:
             print("   ", line, flush=True)
-        if args.notes:  # after every section: a run cut short still leaves its figures
-            write_notes(args.notes, header, status, notes, results, time.perf_counter() - start)
-        return len(notes)
+        self.printed = len(self.notes)
+        if self.args.notes:  # after every section: a run cut short still leaves its figures
+            self.write_notes(time.perf_counter() - self.start)
 
-    printed = 0
-    if "exactness" in sections:
-        printed = section("exactness", lambda: check_exactness(args, notes)) or printed
-    if "throughput" in sections or "fsdp" in sections:
-        with_fsdp = "fsdp" in sections
+    def finish(self):
+        """Prints the verdict (and writes the notes); True when no section failed."""
+        total = time.perf_counter() - self.start
+        ok = all(s == "PASS" or s.startswith("SKIPPED:") for s in self.status.values())
+        print(f"gpu_check: {'all passed' if ok else 'FAILURES'} in {total:.0f} s", flush=True)
+        if self.args.notes:
+            self.write_notes(total)
+            print(f"wrote {self.args.notes}", flush=True)
+        return ok
+
+    def write_notes(self, total):
+        lines = [
+            "# GPU notes",
+            "",
+            "Written by `scripts/gpu_check.sh` (do not edit by hand; rerun it on a GPU machine).",
+            "",
+            f"Run: {self.header}, {total:.0f} s in all.",
+            "",
+            "| section | result |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {k} | {v} |" for k, v in self.status.items()]
+        lines += ["", "## Figures", ""] + [f"- {line}" for line in self.notes]
+        lines += ["", "## Raw", "", "```json", json.dumps(self.results, indent=2, default=str), "```", ""]
+        write_text(self.args.notes, "\n".join(lines))
+
+
+def main():
+    args = parse_args()
+    chosen = args.sections.split(",")
+    sections = Sections(args)
+    notes, results = sections.notes, sections.results
+    print(sections.header, flush=True)
+    if "exactness" in chosen:
+        sections.run("exactness", lambda: check_exactness(args, notes))
+    if "throughput" in chosen or "fsdp" in chosen:
+        with_fsdp = "fsdp" in chosen
         if with_fsdp:
             init_one_process_group(args.device)
         label = "throughput + fsdp" if with_fsdp else "throughput"
-        printed = section(label, lambda: check_throughput_and_fsdp(args, notes, results, with_fsdp)) or printed
-    if "sharded" in sections:
-        printed = section("sharded", lambda: gpu_check_large.check_sharded(args, notes)) or printed
-    if "qlora" in sections:
-        printed = section("qlora", lambda: gpu_check_large.check_qlora(args, notes)) or printed
-    if "end_to_end" in sections:
-        section("end_to_end", lambda: check_end_to_end(args, notes))
-    total = time.perf_counter() - start
-    ok = all(s == "PASS" or s.startswith("SKIPPED:") for s in status.values())
-    print(f"gpu_check: {'all passed' if ok else 'FAILURES'} in {total:.0f} s", flush=True)
-    if args.notes:
-        write_notes(args.notes, header, status, notes, results, total)
-        print(f"wrote {args.notes}", flush=True)
-    sys.exit(0 if ok else 1)
-
-
-def write_notes(path, header, status, notes, results, total):
-    lines = [
-        "# GPU notes",
-        "",
-        "Written by `scripts/gpu_check.sh` (do not edit by hand; rerun it on a GPU machine).",
-        "",
-        f"Run: {header}, {total:.0f} s in all.",
-        "",
-        "| section | result |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in status.items()]
-    lines += ["", "## Figures", ""] + [f"- {line}" for line in notes]
-    lines += ["", "## Raw", "", "```json", json.dumps(results, indent=2, default=str), "```", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+        sections.run(label, lambda: check_throughput_and_fsdp(args, notes, results, with_fsdp))
+    if "sharded" in chosen:
+        sections.run("sharded", lambda: gpu_check_large.check_sharded(args, notes))
+    if "qlora" in chosen:
+        sections.run("qlora", lambda: gpu_check_large.check_qlora(args, notes))
+    if "end_to_end" in chosen:
+        sections.run("end_to_end", lambda: check_end_to_end(args, notes))
+    if not sections.finish():
+        sys.exit(1)  # the verdict, not an error: each failing section has reported why above
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

