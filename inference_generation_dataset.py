@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import load_pubmed, load_records_file
+from utils.dist_utils import end_process_group
 from utils.generation_utils import add_generation_args, run_generation, validate_generation_args
 
 
@@ -75,3 +76,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_cli(main)
+    end_process_group()  # gloo's threads still running at interpreter exit can abort a finished run

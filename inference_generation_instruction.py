@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from utils.cli import UserInputError, run_cli
+from utils.dist_utils import end_process_group
 from utils.generation_utils import add_generation_args, run_generation, validate_generation_args
 
 LINE = re.compile(r"^(?P<instruction>.*?)\s*####\s*(?P<count>[0-9]+)\s*$")
@@ -61,3 +62,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_cli(main)
+    end_process_group()  # gloo's threads still running at interpreter exit can abort a finished run

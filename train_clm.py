@@ -34,7 +34,7 @@ from utils.checkpoint_utils import (
 )
 from utils.cli import UserInputError, run_cli
 from utils.data_utils import Collator, check_disjoint, load_raw_datasets, privacy_units, tokenize_dataset, unit_keys
-from utils.dist_utils import on_main_process
+from utils.dist_utils import end_process_group, on_main_process
 from utils.dp_randomness import DPRandomness
 from utils.dp_utils import DPGradient
 from utils.io_utils import publish_outputs, write_json
@@ -439,3 +439,4 @@ def save(args, run, accelerator):
 
 if __name__ == "__main__":
     run_cli(main)
+    end_process_group()  # gloo's threads still running at interpreter exit can abort a finished run

@@ -40,12 +40,15 @@ SETTINGS = {
     "rank_2_qkvo": {"lora_r": 2, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj"},
     "rank_32": {"lora_r": 32},
     "lr_2e-2": {"learning_rate": 2e-2},
+    "lr_4e-2": {"learning_rate": 4e-2},
     "lr_5e-3": {"learning_rate": 5e-3},
     "constant_lr": {"lr_scheduler_type": "constant"},
     "batch_224_x_4": {"batch_size": 224, "steps": 4},
     "batch_448_x_2": {"batch_size": 448, "steps": 2},
     "clip_0.1": {"clip_norm": 0.1},
     "adam_eps_3e-3": {"adam_epsilon": 3e-3},
+    "lr_2e-2_constant": {"learning_rate": 2e-2, "lr_scheduler_type": "constant"},
+    "lr_2e-2_qkvo": {"learning_rate": 2e-2, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj"},
 }
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 import train_clm  # noqa: E402
 import utils.model.model_utils as model_utils  # noqa: E402
+from utils.dist_utils import end_process_group  # noqa: E402
 from utils.model.fsdp_utils import assert_replicas_agree, replica_checksum, shard_summary  # noqa: E402
 
 captured = {}
@@ -85,3 +86,4 @@ if __name__ == "__main__":
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(report, f, indent=2)
     dist.barrier()
+    end_process_group()

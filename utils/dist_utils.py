@@ -11,6 +11,13 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def end_process_group() -> None:
+    """Leave the job's process group, once every process has finished its work."""
+    if distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if distributed() else 0
 
