@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=64, help="tokens per abstract (longer ones are truncated)")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
-    p.add_argument("--learning_rate", type=float, default=1e-2)
+    p.add_argument("--learning_rate", type=float, default=2e-2, help="chosen by scripts/recipe_sweep.py")
     p.add_argument("--lr_scheduler_type", default="linear", help="any transformers scheduler")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--clip_norm", type=float, default=1.0)

@@ -35,7 +35,7 @@ from utils.io_utils import write_json, write_text
 
 # setting -> the demo's options it changes (budget: batch x steps about 896, the demo's 128 x 7)
 SETTINGS = {
-    "baseline": {},
+    "baseline": {"learning_rate": 1e-2},  # the demo's recipe before this sweep
     "rank_2": {"lora_r": 2},
     "rank_2_qkvo": {"lora_r": 2, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj"},
     "rank_32": {"lora_r": 32},
