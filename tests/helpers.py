@@ -41,6 +41,15 @@ def relative_difference(a, b, select=""):
     return float((num / den).sqrt())
 
 
+def write_units(path, units):
+    """units: {unit id: [answer texts]} -> JSON Lines records with the id under 'user'."""
+    with open(path, "w") as f:
+        for unit, texts in units.items():
+            for text in texts:
+                f.write(json.dumps({"instruction": "", "answer": text, "user": unit}) + "\n")
+    return str(path)
+
+
 def write_records(path, records, jsonl=False):
     """records: list of (instruction, answer)."""
     with open(path, "w") as f:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import train_args, write_records
+from helpers import train_args, write_records, write_units
 
 import train_clm
 from utils.cli import UserInputError
@@ -19,14 +19,6 @@ SIZES = dict(block_size=32, per_device_train_batch_size=8, delta=1e-3)
 def run(model, data, out, **options):
     train_clm.main(train_args(model, data, out, **(SIZES | options)))
     return json.loads((out / "privacy_report.json").read_text())
-
-
-def write_units(path, units):
-    with open(path, "w") as f:
-        for unit, texts in units.items():
-            for text in texts:
-                f.write(json.dumps({"instruction": "", "answer": text, "user": unit}) + "\n")
-    return str(path)
 
 
 def test_validation_data_must_be_declared_public_and_share_nothing_with_training(tiny_llama, text_records, tmp_path):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, cli_flags, process_env, relative_difference, run_ok, torchrun_command, train_args
+from helpers import ROOT, cli_flags, process_env, relative_difference, run_ok, torchrun_command, train_args, write_units
 from prv_accountant import Accountant
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,15 +34,6 @@ TARGETS = "q_proj,v_proj,lm_head"
 ONE_STEP = dict(max_train_steps=1, per_device_train_batch_size=1)
 SGD = cli_flags(optimizer="sgd", learning_rate=0.5, lr_scheduler_type="constant", noise_multiplier=0, block_size=32)
 SGD += cli_flags(seed=3, insecure_dp_seed=5, lora_target_modules=TARGETS)
-
-
-def write_units(path, units):
-    """units: {unit id: [answer texts]} -> JSON Lines records with the id under 'user'."""
-    with open(path, "w") as f:
-        for unit, texts in units.items():
-            for text in texts:
-                f.write(json.dumps({"instruction": "", "answer": text, "user": unit}) + "\n")
-    return str(path)
 
 
 def train(model, data, out, *extra, **options):

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from helpers import train_args
+from helpers import train_args, write_units
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_clm
@@ -18,14 +18,6 @@ from utils.dp_utils import per_record_loss
 from utils.privacy.accounting import compute_epsilon
 
 VALIDATION = {"ann": ["a short sentence", "another one, a little longer"], "bob": ["three"], "cid": ["four, five"]}
-
-
-def write_units(path, units):
-    with open(path, "w") as f:
-        for unit, texts in units.items():
-            for text in texts:
-                f.write(json.dumps({"instruction": "", "answer": text, "user": unit}) + "\n")
-    return str(path)
 
 
 def record_losses(model_path, texts, block_size=32):
