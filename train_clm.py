@@ -84,6 +84,11 @@ def parse_args(argv=None):
     model.add_argument("--lora_alpha", type=float, default=16)
     model.add_argument("--lora_dropout", type=float, default=0.0)
     model.add_argument(
+        "--lora_freeze_a",
+        action="store_true",
+        help="train LoRA's B only, A fixed at its seeded random start (FFA-LoRA): half the noised parameters",
+    )
+    model.add_argument(
         "--lora_target_modules",
         default=None,
         help="comma-separated names, one regex or all-linear; default: the attention linears",

@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=64, help="tokens per abstract (longer ones are truncated)")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
+    p.add_argument("--lora_freeze_a", action="store_true", help="train B only (FFA-LoRA); see train_clm.py")
     p.add_argument("--learning_rate", type=float, default=2e-2, help="chosen by scripts/recipe_sweep.py")
     p.add_argument("--lr_scheduler_type", default="linear", help="any transformers scheduler")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
@@ -318,6 +319,7 @@ def train_command(args, model, paths, out, private, steps):
         str(steps),
         "--seed",
         str(args.seed),
+        *(["--lora_freeze_a"] if args.lora_freeze_a else []),
         # PubMed abstracts are public: the demo only treats the training split as private
         "--validation_is_public",
         "--ledger_dir",

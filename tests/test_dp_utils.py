@@ -20,11 +20,11 @@ RECORDS = [
 ]
 
 
-def lora_model(path, dtype=torch.float64, gradient_ckpt=False):
+def lora_model(path, dtype=torch.float64, gradient_ckpt=False, freeze_a=False):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if gradient_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return randomise_lora_b(add_lora(model, r=4, alpha=8, seed=0)).train()
+    return randomise_lora_b(add_lora(model, r=4, alpha=8, seed=0, freeze_a=freeze_a)).train()
 
 
 def batch_of(path, records, block_size=48):
@@ -73,6 +73,19 @@ def test_per_example_gradients_equal_one_record_backward(kind, dtype, tol, reque
         assert g.shape == ref.shape
         assert ref.abs().max() > 0
         assert torch.allclose(g.double(), ref, rtol=tol, atol=tol * ref.abs().max())
+
+
+def test_with_a_frozen_only_b_gets_per_example_gradients_and_they_are_exact(tiny_llama):
+    model, collate = lora_model(tiny_llama, freeze_a=True), batch_of(tiny_llama, RECORDS)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_B." in n for n in trainable)
+    assert any(".lora_A." in n for n, _ in model.named_parameters())
+    indices = list(range(len(RECORDS)))
+    ours, reference = per_example_grads(model, collate, indices), brute_force_grads(model, collate, indices)
+    assert len(ours) == len(reference) == len(trainable)
+    for g, ref in zip(ours, reference):
+        assert ref.abs().max() > 0
+        assert torch.allclose(g.double(), ref, rtol=1e-10, atol=1e-10 * ref.abs().max())
 
 
 def test_per_example_gradients_with_gradient_checkpointing(tiny_llama):

@@ -123,6 +123,7 @@ def _args(**kw):
         lora_r=4,
         lora_alpha=4,
         lora_dropout=0.0,
+        lora_freeze_a=False,
         lora_target_modules=None,
         seed=0,
         fsdp=False,

@@ -90,6 +90,16 @@ def test_max_train_steps_zero_saves_the_seeded_initial_adapter(tiny_llama, text_
         assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])  # depends on --seed only
 
 
+def test_lora_freeze_a_trains_b_and_keeps_the_seeded_a(tiny_llama, text_records, tmp_path):
+    data = write_records(tmp_path / "train.json", text_records[:16])
+    start = adapter(train(tiny_llama, data, tmp_path / "start", "--max_train_steps", "0"))
+    trained = adapter(train(tiny_llama, data, tmp_path / "ffa", "--lora_freeze_a", "--max_train_steps", "2"))
+    a_keys, b_keys = [k for k in start if "lora_A" in k], [k for k in start if "lora_B" in k]
+    assert a_keys and set(trained) == set(start)  # A is saved: the adapter loads anywhere without the flag
+    assert all(torch.equal(trained[k], start[k]) for k in a_keys)
+    assert all(not torch.equal(trained[k], start[k]) for k in b_keys)
+
+
 @pytest.mark.parametrize(
     "ckpt, precision, tolerance",
     [([], "no", 1e-4), (["--gradient_ckpt"], "no", 1e-4), ([], "bf16", 1e-2)],

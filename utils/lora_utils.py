@@ -108,12 +108,15 @@ def add_lora(
     dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
     seed: int = 0,
+    freeze_a: bool = False,
 ) -> PeftModel:
     """Wrap the model with LoRA adapters; the initialisation depends only on `seed`.
 
     target_modules: names, one regex or 'all-linear'; by default the attention linears. The
     generator state is saved and restored around the initialisation so that the adapter does not
-    depend on whatever consumed random numbers before (data loading, process count)."""
+    depend on whatever consumed random numbers before (data loading, process count).
+    freeze_a: train B only; A keeps its seeded random start (FFA-LoRA, Sun et al., ICLR 2024), which
+    halves the parameters the DP noise is added to at the same rank."""
     targets = target_modules or default_target_modules(model)
     check_targets(model, targets)
     with torch.random.fork_rng(devices=[]):
@@ -126,6 +129,10 @@ def add_lora(
         except (ValueError, TypeError, NotImplementedError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserInputError(f"--lora_target_modules {targets}: PEFT cannot adapt these layers ({first})") from None
+    if freeze_a:
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return peft_model
 
 

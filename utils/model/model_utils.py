@@ -208,6 +208,7 @@ def build_model(args, accelerator, token, say=print):
             args.lora_dropout,
             parse_target_modules(args.lora_target_modules),
             seed=args.seed,
+            freeze_a=args.lora_freeze_a,
         )
     say(lora_summary(model))
     if fsdp:  # frozen base sharded, LoRA replicated (docs/DESIGN.md 2.9)
