@@ -41,7 +41,7 @@ import train_clm
 from utils.cli import UserInputError, cli_flags, run_cli
 from utils.data_utils import load_raw_datasets, privacy_units, unit_keys
 from utils.io_utils import write_json
-from utils.privacy.accounting import composed_epsilon, compute_epsilon_rdp
+from utils.privacy.accounting import composed_epsilon, compute_epsilon_rdp, noise_multiplier_for_procedure
 from utils.privacy.ledger import PrivacyLedger, Session, new_id
 from utils.privacy.plan import make_privacy_plan
 from utils.privacy.sampling import make_sampler
@@ -81,11 +81,22 @@ def parse_args(argv=None):
         "(K = 0 possible: then nothing is released, and the procedure is still charged)",
     )
     p.add_argument("--score", choices=["train_loss", "validation"], default="train_loss")
+    p.add_argument(
+        "--target_procedure_epsilon",
+        type=float,
+        default=None,
+        help="the whole procedure's epsilon: the trials' noise is solved for it (instead of each trial's "
+        "--target_epsilon or --noise_multiplier)",
+    )
     p.add_argument("--output_dir", required=True, help="the release: the best trial's adapter and reports")
     args, trial_args = p.parse_known_args(argv)
     for own in (*OWN, "--insecure_dp_seed", "--ledger_procedure", "--ledger_validation_procedure"):
         if any(a == own or a.startswith(own + "=") for a in trial_args):
             raise UserInputError(f"{own}: set by the tuning procedure, or not allowed in it")
+    if args.target_procedure_epsilon is not None:
+        for own in ("--target_epsilon", "--noise_multiplier"):
+            if any(a == own or a.startswith(own + "=") for a in trial_args):
+                raise UserInputError(f"{own}: not with --target_procedure_epsilon, which sets the trials' noise")
     if not args.mean_trials >= 1:
         raise UserInputError(f"--mean_trials {args.mean_trials}: must be at least 1")
     args.space = read_search_space(args.search_space)
@@ -155,6 +166,25 @@ def trial_mechanism(trial_args):
     if not plan.guaranteed:
         raise UserInputError("tuning needs private trials: clipping, noise above zero and a secret DP seed")
     return args, raw, plan
+
+
+def noise_for_procedure(args):
+    """The trials' --noise_multiplier at which the whole procedure costs --target_procedure_epsilon.
+    The accounted noise is the gradient's and the released loss's together, a fixed multiple of the
+    gradient's, so it is solved for once and scaled back."""
+    _, _, plan = trial_mechanism([*args.trial_args, "--noise_multiplier", "1"])
+    try:
+        effective = noise_multiplier_for_procedure(
+            args.target_procedure_epsilon,
+            plan.sampling_rate,
+            plan.steps,
+            plan.settings.delta,
+            args.mean_trials,
+            SHAPES[args.trial_distribution],
+        )
+    except ValueError as err:
+        raise UserInputError(str(err)) from None
+    return effective / plan.effective_noise_multiplier
 
 
 def score(folder, by):
@@ -229,6 +259,7 @@ def procedure_report(report, procedure, validation, args, mechanism, steps, sett
             "mean_trials": args.mean_trials,
             "search_space": args.space,
             "score": args.score,
+            "target_procedure_epsilon": args.target_procedure_epsilon,
             "chosen": settings,
         },
         note="the adapter is the best of a random number of trials (scripts/tune.py): epsilon is the "
@@ -268,6 +299,8 @@ def main(argv=None):
     release = os.path.abspath(args.output_dir)
     if os.path.exists(release) and os.listdir(release):
         raise UserInputError(f"{args.output_dir}: already holds a release; choose a new --output_dir")
+    if args.target_procedure_epsilon is not None:
+        args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args))]
     train, raw, plan = trial_mechanism(args.trial_args)
     if args.score == "validation" and (train.validation_noise_multiplier is None or "validation" not in raw):
         raise UserInputError("--score validation needs validation data and --validation_noise_multiplier")

@@ -82,7 +82,8 @@ def test_only_the_best_trial_is_released_and_the_procedure_is_charged_once(
     trials = [e for e in ledger.read().sessions.values() if e["purpose"] == "trial"]
     assert len(trials) == 3
     # K itself is in no key of the release: only the distribution's public parameters are
-    assert set(saved["tuning"]) == {"trial_distribution", "mean_trials", "search_space", "score", "chosen"}
+    public = {"trial_distribution", "mean_trials", "search_space", "score", "target_procedure_epsilon", "chosen"}
+    assert set(saved["tuning"]) == public
     assert not [key for key in saved if "trials" in key]
 
 
@@ -108,3 +109,22 @@ def test_a_search_space_may_not_change_the_mechanism(tmp_path, space, message):
     path.write_text(json.dumps(space))
     with pytest.raises(UserInputError, match=message):
         tune.parse_args(["--search_space", str(path), "--output_dir", str(tmp_path / "o")])
+
+
+def test_a_procedure_target_sets_the_trials_noise_so_the_whole_procedure_costs_it(
+    tiny_llama, text_records, tmp_path, monkeypatch
+):
+    data = write_records(tmp_path / "d.json", text_records[:64])
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"learning_rate": [1e-3, 3e-2]}))
+    monkeypatch.setattr(tune, "draw_trials", lambda mean, distribution: 2)
+    sizes = dict(block_size=32, per_device_train_batch_size=8, max_train_steps=3, delta=1e-3)
+    options = dict(search_space=str(space), mean_trials=3, output_dir=str(tmp_path / "tuned"))
+    flags = [*cli_flags(train_file=data, model_name_or_path=tiny_llama, **sizes), *cli_flags(**options)]
+    report = tune.main([*flags, "--target_procedure_epsilon", "5"])
+    assert 0.999 * 5 <= report["procedure_epsilon"] <= 5 and report["epsilon"] == report["procedure_epsilon"]
+    q, sigma = report["sampling_rate"], report["effective_noise_multiplier"]
+    assert report["procedure_epsilon"] == pytest.approx(composed_epsilon({(q, sigma, 3, 3.0, 1.0): 1}, 1e-3))
+    assert report["trial_epsilon"] < 5 and report["tuning"]["target_procedure_epsilon"] == 5
+    with pytest.raises(UserInputError, match="--target_epsilon: not with --target_procedure_epsilon"):
+        tune.parse_args([*flags, "--target_procedure_epsilon", "5", "--target_epsilon", "3"])

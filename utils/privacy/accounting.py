@@ -369,6 +369,26 @@ def composed_epsilon(mechanisms: dict, delta: float, relation: str = "add_remove
     return float(accountant.get_epsilon(delta))
 
 
+def noise_multiplier_for_procedure(
+    target_epsilon: float, sampling_rate: float, steps: int, delta: float, mean_trials: float, shape: float
+) -> float:
+    """Smallest sigma (to 0.1%) at which a tuning procedure (a random number of trials of `steps`
+    steps, mean `mean_trials`, the best released) costs at most target_epsilon: tuning within a
+    budget. RDP, as the procedure is composed; deterministic."""
+    key = lambda sigma: {(sampling_rate, sigma, steps, mean_trials, shape): 1}  # noqa: E731
+    eps_of = lambda sigma: composed_epsilon(key(sigma), delta)  # noqa: E731
+    if not target_epsilon > 0 or eps_of(_SIGMA_MAX) > target_epsilon:
+        raise ValueError(
+            f"--target_procedure_epsilon {target_epsilon:g} is unreachable for {steps} steps at sampling "
+            f"rate {sampling_rate:g} with a mean of {mean_trials:g} trials"
+        )
+    # the bound is an upper one: aim a hair below the target so rounding cannot cross it
+    sigma = _solve(eps_of, target_epsilon * (1 - 1e-9), _SIGMA_MAX)
+    if sigma is None:
+        raise ValueError(f"--target_procedure_epsilon {target_epsilon:g} could not be calibrated")
+    return sigma
+
+
 # Orders of the Renyi filter. The privacy loss L after any adaptively chosen sequence of mechanisms
 # obeys E[exp((a-1)(L - sum of their order-a RDP))] <= 1 at every stopping time, for every order a
 # at once (a supermartingale; Feldman and Zrnic 2021 use one order). Admitting a run only if SOME
