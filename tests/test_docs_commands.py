@@ -288,7 +288,8 @@ def parse_tune(argv):
     from scripts import tune
 
     args = tune.parse_args(argv)  # its own options, then what goes to every trial
-    train_clm.parse_args([*args.trial_args, "--output_dir", "trial"])
+    solved = ["--noise_multiplier", "1"] if args.target_procedure_epsilon is not None else []  # set at run time
+    train_clm.parse_args([*args.trial_args, *solved, "--output_dir", "trial"])
 
 
 def parse_no_arguments(module):
