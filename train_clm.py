@@ -86,7 +86,7 @@ def parse_args(argv=None):
     model.add_argument(
         "--lora_freeze_a",
         action="store_true",
-        help="train LoRA's B only, A fixed at its seeded random start (FFA-LoRA): half the noised parameters",
+        help="train LoRA's B only, A fixed at its seeded random start (FFA-LoRA): fewer noised parameters",
     )
     model.add_argument(
         "--lora_target_modules",

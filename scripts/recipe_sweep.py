@@ -52,7 +52,7 @@ SETTINGS = {
     "lr_2e-2_constant": {**LR_WINNER, "lr_scheduler_type": "constant"},
     "lr_2e-2_clip_0.1": {**LR_WINNER, "clip_norm": 0.1},
     "lr_2e-2_qkvo": {**LR_WINNER, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj"},
-    "lr_2e-2_freeze_a": {**LR_WINNER, "lora_freeze_a": True},  # FFA-LoRA: B only, half the noised parameters
+    "lr_2e-2_freeze_a": {**LR_WINNER, "lora_freeze_a": True},  # FFA-LoRA: B only, 184,320 of 460,800 noised
 }
 
 

@@ -116,7 +116,7 @@ def add_lora(
     generator state is saved and restored around the initialisation so that the adapter does not
     depend on whatever consumed random numbers before (data loading, process count).
     freeze_a: train B only; A keeps its seeded random start (FFA-LoRA, Sun et al., ICLR 2024), which
-    halves the parameters the DP noise is added to at the same rank."""
+    leaves the DP noise fewer parameters (out x r of (in + out) x r) at the same rank."""
     targets = target_modules or default_target_modules(model)
     check_targets(model, targets)
     with torch.random.fork_rng(devices=[]):
