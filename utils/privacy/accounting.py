@@ -377,7 +377,9 @@ def noise_multiplier_for_procedure(
     budget. RDP, as the procedure is composed; deterministic."""
     key = lambda sigma: {(sampling_rate, sigma, steps, mean_trials, shape): 1}  # noqa: E731
     eps_of = lambda sigma: composed_epsilon(key(sigma), delta)  # noqa: E731
-    if not target_epsilon > 0 or eps_of(_SIGMA_MAX) > target_epsilon:
+    if not target_epsilon > 0:
+        raise ValueError(f"--target_procedure_epsilon must be positive, got {target_epsilon}")
+    if eps_of(_SIGMA_MAX) > target_epsilon:
         raise ValueError(
             f"--target_procedure_epsilon {target_epsilon:g} is unreachable for {steps} steps at sampling "
             f"rate {sampling_rate:g} with a mean of {mean_trials:g} trials"
