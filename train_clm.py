@@ -112,6 +112,14 @@ def parse_args(argv=None):
         help="AdamW's epsilon: under DP, near the noise's per-coordinate scale (sigma C / B) it damps "
         "coordinates the noise dominates",
     )
+    train.add_argument(
+        "--adam_beta1",
+        type=float,
+        default=0.9,
+        help="AdamW's momentum: under DP with few steps, momentum carries each step's noise into the "
+        "later steps; 0 moves by every step's gradient once",
+    )
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's second-moment decay")
     train.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=list(SchedulerType))
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument(
@@ -175,6 +183,9 @@ def validate_args(args):
         raise UserInputError(f"--per_device_eval_batch_size {args.per_device_eval_batch_size}: must be at least 1")
     if not args.adam_epsilon > 0:
         raise UserInputError(f"--adam_epsilon {args.adam_epsilon}: must be positive")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UserInputError(f"--{name} {getattr(args, name)}: must be in [0, 1)")
     if args.debug_sync_check < 0:
         raise UserInputError(f"--debug_sync_check {args.debug_sync_check}: must be >= 0")
     if args.validation_noise_multiplier is not None:

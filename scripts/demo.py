@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=2e-2, help="chosen by scripts/recipe_sweep.py")
     p.add_argument("--lr_scheduler_type", default="linear", help="any transformers scheduler")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's momentum")
     p.add_argument("--clip_norm", type=float, default=1.0)
     p.add_argument(
         "--compare_nonprivate",
@@ -315,6 +316,8 @@ def train_command(args, model, paths, out, private, steps):
         args.lr_scheduler_type,
         "--adam_epsilon",
         repr(args.adam_epsilon),
+        "--adam_beta1",
+        repr(args.adam_beta1),
         "--max_train_steps",
         str(steps),
         "--seed",

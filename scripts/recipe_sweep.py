@@ -37,6 +37,7 @@ from utils.io_utils import write_json, write_text
 # Round one varies one lever at a time around the demo's former recipe (learning rate 1e-2);
 # round two varies the others around its winner (learning rate 2e-2, now the demo's default).
 LR_BEFORE, LR_WINNER = {"learning_rate": 1e-2}, {"learning_rate": 2e-2}
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SETTINGS = {
     "baseline": LR_BEFORE,
     "rank_2": {**LR_BEFORE, "lora_r": 2},
@@ -53,6 +54,15 @@ SETTINGS = {
     "lr_2e-2_clip_0.1": {**LR_WINNER, "clip_norm": 0.1},
     "lr_2e-2_qkvo": {**LR_WINNER, "lora_target_modules": "q_proj,k_proj,v_proj,o_proj"},
     "lr_2e-2_freeze_a": {**LR_WINNER, "lora_freeze_a": True},  # FFA-LoRA: B only, 184,320 of 460,800 noised
+    # round three: more adapter parameters (rank 2 lost to rank 8), and fewer, larger steps whose
+    # learning rate keeps the sum of the linear schedule's step sizes (7 x 2e-2 -> 4 x 3.2e-2)
+    "lr_2e-2_rank_16": {**LR_WINNER, "lora_r": 16},
+    "lr_2e-2_all_linear": {**LR_WINNER, "lora_target_modules": ALL_LINEAR},
+    "lr_3.2e-2_batch_224_x_4": {"learning_rate": 3.2e-2, "batch_size": 224, "steps": 4},
+    # without momentum each step's noise enters the adapter once, and a constant schedule weights the
+    # steps equally: the mean of 7 noisy gradients has the least noise when every weight is the same
+    "lr_2e-2_beta1_0": {**LR_WINNER, "adam_beta1": 0.0},
+    "lr_2e-2_beta1_0_constant": {**LR_WINNER, "adam_beta1": 0.0, "lr_scheduler_type": "constant"},
 }
 
 

@@ -60,6 +60,8 @@ SEARCHABLE = {
     "lora_target_modules",
     "optimizer",
     "adam_epsilon",
+    "adam_beta1",
+    "adam_beta2",
     "clip_norm",
     "seed",
 }
@@ -142,13 +144,20 @@ def draw_settings(space: dict, rng=None) -> dict:
     return {key: rng.choice(values) for key, values in space.items()}
 
 
-def trial_mechanism(trial_args):
-    """The trials' arguments, data and privacy plan (sampling rate, noise and steps: every trial's)."""
-    args = train_clm.parse_args([*trial_args, "--output_dir", "unused"])
+def trial_arguments(trial_args):
+    return train_clm.parse_args([*trial_args, "--output_dir", "unused"])
+
+
+def trial_data(args):
     privacy = args.privacy
-    raw = load_raw_datasets(
+    return load_raw_datasets(
         args.dataset_name, args.train_file, args.validation_file, args.dataset_dir, privacy.privacy_unit_key
     )
+
+
+def trial_plan(args, raw):
+    """Every trial's privacy plan (sampling rate, noise and steps), from the trials' arguments and data."""
+    privacy = args.privacy
     units = privacy_units(raw["train"], privacy.privacy_unit_key, "train") if privacy.privacy_unit_key else None
     sampler = make_sampler(
         privacy.sampling,
@@ -165,14 +174,14 @@ def trial_mechanism(trial_args):
     plan = make_privacy_plan(privacy, sampler, planned, 1.0, say=lambda *_: None)
     if not plan.guaranteed:
         raise UserInputError("tuning needs private trials: clipping, noise above zero and a secret DP seed")
-    return args, raw, plan
+    return plan
 
 
-def noise_for_procedure(args):
+def noise_for_procedure(args, raw):
     """The trials' --noise_multiplier at which the whole procedure costs --target_procedure_epsilon.
     The accounted noise is the gradient's and the released loss's together, a fixed multiple of the
     gradient's, so it is solved for once and scaled back."""
-    _, _, plan = trial_mechanism([*args.trial_args, "--noise_multiplier", "1"])
+    plan = trial_plan(trial_arguments([*args.trial_args, "--noise_multiplier", "1"]), raw)
     try:
         effective = noise_multiplier_for_procedure(
             args.target_procedure_epsilon,
@@ -299,9 +308,11 @@ def main(argv=None):
     release = os.path.abspath(args.output_dir)
     if os.path.exists(release) and os.listdir(release):
         raise UserInputError(f"{args.output_dir}: already holds a release; choose a new --output_dir")
+    raw = trial_data(trial_arguments(args.trial_args))
     if args.target_procedure_epsilon is not None:
-        args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args))]
-    train, raw, plan = trial_mechanism(args.trial_args)
+        args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args, raw))]
+    train = trial_arguments(args.trial_args)
+    plan = trial_plan(train, raw)
     if args.score == "validation" and (train.validation_noise_multiplier is None or "validation" not in raw):
         raise UserInputError("--score validation needs validation data and --validation_noise_multiplier")
     if args.score == "train_loss" and plan.train_loss != "private":

@@ -12,6 +12,7 @@ from helpers import cli_flags
 from transformers import AutoModelForCausalLM
 
 import train_clm
+from utils.cli import UserInputError
 from utils.data_utils import Collator, tokenize_record
 from utils.model.model_utils import load_tokenizer
 from utils.train_utils import build_optimizer, evaluate, forward_losses, tracker_config
@@ -42,6 +43,29 @@ def test_adamw_uses_the_given_learning_rate_decoupled_weight_decay_and_epsilon()
     # default eps 1e-8 would move the first coordinate by lr, not lr / 3
     expected = [1.0 * (1 - 0.1 * 0.5) - 0.1 * 0.5 / (0.5 + 1.0), 1.0 * (1 - 0.1 * 0.5)]
     torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adamw_momentum_is_adam_beta1(beta1):
+    # Two opposite gradients +-g: the bias-corrected second moment is g^2 at both steps, and the
+    # bias-corrected first moment at step two is ((1 - b1) b1 g - (1 - b1) g) / (1 - b1^2). Without
+    # momentum the second step undoes the first exactly; with 0.9 it moves back only 1/19 of it.
+    lr, g = 0.1, 0.5
+    p = one_parameter(1.0)
+    optimizer, _ = build_optimizer([p], parse(learning_rate=lr, adam_beta1=beta1, adam_epsilon=1e-12), 10)
+    for grad in (g, -g):
+        p.grad = torch.tensor([grad], dtype=torch.float64)
+        optimizer.step()
+    momentum = ((1 - beta1) * beta1 * g - (1 - beta1) * g) / (1 - beta1**2)
+    expected = 1.0 - lr - lr * momentum / g
+    assert p.item() == pytest.approx(expected, abs=1e-9)
+    assert (p.item() == pytest.approx(1.0, abs=1e-9)) == (beta1 == 0.0)
+
+
+@pytest.mark.parametrize("flag, value", [("adam_beta1", 1.0), ("adam_beta2", -0.1)])
+def test_adam_betas_outside_zero_one_are_refused(flag, value):
+    with pytest.raises(UserInputError, match=f"--{flag} {value}: must be in"):
+        parse(**{flag: value})
 
 
 def test_sgd_is_plain_gradient_descent_with_coupled_weight_decay_and_no_momentum():

@@ -69,7 +69,11 @@ def build_optimizer(params: list, args, total_steps: int):
     """AdamW (or plain SGD) over the LoRA parameters, with the requested learning-rate schedule."""
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(
-            params, lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.adam_epsilon
+            params,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.weight_decay,
+            eps=args.adam_epsilon,
         )
     else:
         optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.0, weight_decay=args.weight_decay)
