@@ -308,8 +308,9 @@ def main(argv=None):
     release = os.path.abspath(args.output_dir)
     if os.path.exists(release) and os.listdir(release):
         raise UserInputError(f"{args.output_dir}: already holds a release; choose a new --output_dir")
-    raw = trial_data(trial_arguments(args.trial_args))
-    if args.target_procedure_epsilon is not None:
+    solve_noise = args.target_procedure_epsilon is not None
+    raw = trial_data(trial_arguments([*args.trial_args, *(["--noise_multiplier", "1"] if solve_noise else [])]))
+    if solve_noise:
         args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args, raw))]
     train = trial_arguments(args.trial_args)
     plan = trial_plan(train, raw)
