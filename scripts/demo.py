@@ -68,10 +68,16 @@ def parse_args(argv=None):
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_target_modules", default="q_proj,v_proj")
     p.add_argument("--lora_freeze_a", action="store_true", help="train B only (FFA-LoRA); see train_clm.py")
-    p.add_argument("--learning_rate", type=float, default=2e-2, help="chosen by scripts/recipe_sweep.py")
+    p.add_argument("--learning_rate", type=float, default=3e-2, help="chosen by scripts/recipe_sweep.py")
     p.add_argument("--lr_scheduler_type", default="linear", help="any transformers scheduler")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's momentum")
+    p.add_argument(
+        "--adam_beta1",
+        type=float,
+        default=0.0,
+        help="AdamW's momentum: off, so each of the few steps' noise reaches the adapter once "
+        "(scripts/recipe_sweep.py)",
+    )
     p.add_argument("--clip_norm", type=float, default=1.0)
     p.add_argument(
         "--compare_nonprivate",
@@ -448,6 +454,8 @@ def summary_text(s):
         f"{s['loss_noise_multiplier']:.3g} (training loss), {s['effective_noise_multiplier']:.3g} (effective), "
         f"clip norm {s['clip_norm']:g}, "
         f"sampling rate {s['sampling_rate']:.3g}, expected batch {s['expected_batch_size']}, {s['steps']} steps",
+        f"optimiser   AdamW, learning rate {s['learning_rate']:g} ({s['lr_scheduler_type']}), "
+        f"momentum (beta1) {s['adam_beta1']:g}",
         f"perplexity  base model {s['perplexity_base']:.2f} -> DP LoRA {s['perplexity_dp']:.2f} "
         f"(validation, {s['val_records']} abstracts)",
     ]
@@ -609,6 +617,8 @@ def summarise(args, stages, model, runs, units, out, start):
         "privacy_unit": args.privacy_unit,
         "num_units": units,
         "learning_rate": args.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "adam_beta1": args.adam_beta1,
         **{k: report[k] for k in REPORT_KEYS},
         "ledger_dir": _short(ledger_dir(runs["dp"])),
         "perplexity_base": base["eval_perplexity"],

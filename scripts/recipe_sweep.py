@@ -37,6 +37,8 @@ from utils.io_utils import write_json, write_text
 # Round one varies one lever at a time around the demo's former recipe (learning rate 1e-2);
 # round two varies the others around its winner (learning rate 2e-2, now the demo's default).
 LR_BEFORE, LR_WINNER = {"learning_rate": 1e-2}, {"learning_rate": 2e-2}
+# what rounds one and two varied around, where the demo's defaults have since moved (round three)
+SWEPT_AROUND = {"learning_rate": 2e-2, "adam_beta1": 0.9}
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SETTINGS = {
     "baseline": LR_BEFORE,
@@ -63,6 +65,9 @@ SETTINGS = {
     # steps equally: the mean of 7 noisy gradients has the least noise when every weight is the same
     "lr_2e-2_beta1_0": {**LR_WINNER, "adam_beta1": 0.0},
     "lr_2e-2_beta1_0_constant": {**LR_WINNER, "adam_beta1": 0.0, "lr_scheduler_type": "constant"},
+    # without momentum the same lr moves the adapter by the same signal with less noise: a larger lr
+    "lr_3e-2_beta1_0": {"learning_rate": 3e-2, "adam_beta1": 0.0},
+    "lr_4e-2_beta1_0": {"learning_rate": 4e-2, "adam_beta1": 0.0},
 }
 
 
@@ -101,7 +106,7 @@ def run_once(args, name, options, private, k, model, paths, steps):
     if os.path.exists(result):
         with open(result) as f:
             return json.load(f)
-    demo = argparse.Namespace(**{**vars(args.demo), **options, "seed": args.demo.seed + k})
+    demo = argparse.Namespace(**{**vars(args.demo), **SWEPT_AROUND, **options, "seed": args.demo.seed + k})
     out = os.path.join(args.output_dir, "runs", label)
     for folder in (out, out + ".work"):  # an interrupted earlier attempt: its steps stay on the ledger
         shutil.rmtree(folder, ignore_errors=True)

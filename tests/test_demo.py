@@ -54,6 +54,8 @@ def test_demo_runs_every_stage_and_writes_summary_and_plot(tiny_llama, tmp_path)
     assert summary["sampling_rate"] == pytest.approx(8 / 64)
     assert summary["perplexity_base"] > 1 and summary["perplexity_dp"] > 1
     assert len(summary["samples"]) == 2
+    # the recipe of the sweep reaches the training run: AdamW without momentum
+    assert summary["adam_beta1"] == 0.0 and "--adam_beta1 0.0" in result.stdout
     # the release: the DP run's log holds only its private loss estimate, public settings and epsilon
     released = {"step", "train_loss", "lr", "epsilon"}
     assert all(set(row) <= released for row in json.loads((out / "dp" / "training_log.json").read_text()))
