@@ -85,3 +85,14 @@ def test_demo_trains_at_author_level(tiny_llama, tmp_path):
     validation = [json.loads(line) for line in (out / "data" / "validation.jsonl").read_text().splitlines()]
     assert len(validation) == 8 and all(r["author"].startswith("Reviewer") for r in validation)
     assert summary["ledger_epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)
+
+
+def test_every_recipe_sweep_setting_changes_options_the_demo_has():
+    # a misspelt option would ride along in the namespace unused, and the sweep would measure the
+    # demo's default under another name
+    from scripts.demo import parse_args
+    from scripts.recipe_sweep import SETTINGS, SWEPT_AROUND
+
+    options = vars(parse_args([]))
+    for name, setting in {**SETTINGS, "swept around": SWEPT_AROUND}.items():
+        assert set(setting) <= set(options), name
