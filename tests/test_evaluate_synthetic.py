@@ -282,6 +282,13 @@ def test_demo_evaluate_generates_a_set_per_model_and_measures_them(tiny_llama, s
     assert report["settings"]["training_corpus"]["records"] == 64  # the adapters' whole training set
     summary = json.loads((out / "summary.json").read_text())
     assert summary["perplexity_nonprivate"] is not None  # --evaluate trains the non-private adapter
+    # the non-private reference trains at its own setting, the DP run at the recipe's
+    commands = [line for line in result.stdout.splitlines() if line.startswith("$ python train_clm.py")]
+    nonprivate = next(c for c in commands if "/nonprivate " in c)
+    dp = next(c for c in commands if "/dp " in c)
+    assert "--learning_rate 0.01 " in nonprivate and "--adam_beta1 0.9 " in nonprivate
+    assert "--learning_rate 0.03 " in dp and "--adam_beta1 0.0 " in dp
+    assert summary["nonprivate_learning_rate"] == 0.01 and summary["nonprivate_adam_beta1"] == 0.9
 
 
 @pytest.mark.parametrize("measures", [["fidelity"], ["memorisation"], ["utility", "fidelity", "memorisation"]])
