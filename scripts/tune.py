@@ -177,11 +177,10 @@ def trial_plan(args, raw):
     return plan
 
 
-def noise_for_procedure(args, raw):
-    """The trials' --noise_multiplier at which the whole procedure costs --target_procedure_epsilon.
-    The accounted noise is the gradient's and the released loss's together, a fixed multiple of the
-    gradient's, so it is solved for once and scaled back."""
-    plan = trial_plan(trial_arguments([*args.trial_args, "--noise_multiplier", "1"]), raw)
+def noise_for_procedure(args, plan):
+    """The trials' --noise_multiplier at which the whole procedure costs --target_procedure_epsilon,
+    from their plan at noise multiplier 1. The accounted noise is the gradient's and the released
+    loss's together, a fixed multiple of the gradient's, so it is solved for once and scaled back."""
     try:
         effective = noise_multiplier_for_procedure(
             args.target_procedure_epsilon,
@@ -309,11 +308,13 @@ def main(argv=None):
     if os.path.exists(release) and os.listdir(release):
         raise UserInputError(f"{args.output_dir}: already holds a release; choose a new --output_dir")
     solve_noise = args.target_procedure_epsilon is not None
-    raw = trial_data(trial_arguments([*args.trial_args, *(["--noise_multiplier", "1"] if solve_noise else [])]))
-    if solve_noise:
-        args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args, raw))]
-    train = trial_arguments(args.trial_args)
+    train = trial_arguments([*args.trial_args, *(["--noise_multiplier", "1"] if solve_noise else [])])
+    raw = trial_data(train)
     plan = trial_plan(train, raw)
+    if solve_noise:
+        args.trial_args += ["--noise_multiplier", repr(noise_for_procedure(args, plan))]
+        train = trial_arguments(args.trial_args)
+        plan = trial_plan(train, raw)
     if args.score == "validation" and (train.validation_noise_multiplier is None or "validation" not in raw):
         raise UserInputError("--score validation needs validation data and --validation_noise_multiplier")
     if args.score == "train_loss" and plan.train_loss != "private":
